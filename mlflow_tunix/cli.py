@@ -1,0 +1,261 @@
+"""The ``mlflow-tunix`` command line: a thin shell over the pipeline's stages.
+
+Commands parse their arguments, call one function, and turn a :class:`~mlflow_tunix.errors.TunixError`
+into one line on stderr and exit code 2. Heavy imports (jax, mlflow) happen inside the commands, so
+``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from mlflow_tunix.errors import TunixError
+
+EXIT_BAD_INPUT = 2
+
+
+def _one_line_errors(fn):
+    """Show a TunixError as ``error: <message>`` (one line) and exit 2, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TunixError as exc:
+            message = " ".join(str(exc).split())
+            click.echo(f"error: {message}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper
+
+
+class _WholeNumber(click.ParamType):
+    """An integer that MLproject may pass as a float ("300.0")."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if not number.is_integer():
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return int(number)
+
+
+WHOLE = _WholeNumber()
+
+
+def _opt(value):
+    """MLproject passes '' (and numeric 0) for 'not given'."""
+    return None if value in ("", None) else value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlflow-tunix")
+def main():
+    """Train, evaluate, log and rank JAX reasoning models in MLflow.
+
+    The tracking store is MLflow's: set MLFLOW_TRACKING_URI (default sqlite:///mlflow.db in the
+    current directory). Start with `mlflow-tunix run` and look at the result with `mlflow ui`.
+    """
+
+
+# --------------------------------------------------------------------------- the job
+def _project_options(fn):
+    options = [
+        click.option("--config", "config", default="addition", show_default=True,
+                     help="A project under projects/ (addition, addition-direct, golden-v2, high-card, dev-reasoning) "
+                          "or a path to a config.yaml."),
+        click.option("--train-data", type=str, default="", help="JSONL file that replaces the project's training data; "
+                     "without --eval-data a seeded 90/10 split holds out the eval set."),
+        click.option("--eval-data", type=str, default="", help="JSONL file that replaces the project's eval set."),
+        click.option("--steps", type=WHOLE, default=0, help="Training steps (0: the project's own)."),
+        click.option("--seed", type=WHOLE, default=None, help="Training seed: initial weights and batch order."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config value, e.g. --set train.learning_rate=0.001 (repeatable)."),
+        click.option("--registered-model-name", default="", help="Registry name (default: tunix-<project>)."),
+        click.option("--no-progress", is_flag=True, help="No progress bars (logs only)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _load(config, train_data, eval_data, steps, seed, overrides, registered_model_name):
+    from mlflow_tunix.config import load_project
+
+    values = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        values[key.strip()] = _yaml_value(value)
+    if steps:
+        values["train.steps"] = steps
+    if seed is not None:
+        values["train.seed"] = seed
+    if _opt(registered_model_name):
+        values["registered_model_name"] = registered_model_name
+    return load_project(config, values, train_data=_opt(train_data), eval_data=_opt(eval_data))
+
+
+def _yaml_value(text):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+@main.command()
+@_project_options
+@_one_line_errors
+def run(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress):
+    """The whole job: data -> train -> evaluate -> log the model -> register it.
+
+    Logs params, the loss curve, both datasets, eval metrics, every generated answer (as a table)
+    and the model (mlflow_tunix flavor) to one MLflow run, then registers the model in Staging.
+    """
+    from mlflow_tunix.pipeline import run_main
+
+    cfg = _load(config, train_data, eval_data, steps, seed, overrides, registered_model_name)
+    run_main(cfg, progress=not no_progress)
+
+
+@main.command()
+@_project_options
+@_one_line_errors
+def train(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress):
+    """Train a project and log the trained model (no generation eval, no registration)."""
+    from mlflow_tunix.pipeline import run_train
+
+    cfg = _load(config, train_data, eval_data, steps, seed, overrides, registered_model_name)
+    run_train(cfg, progress=not no_progress)
+
+
+@main.command()
+@click.option("--model-uri", required=True, help="A logged model: runs:/<run>/<name>, models:/m-..., "
+              "models:/<name>/<version> or models:/<name>@<alias>.")
+@click.option("--eval-data", type=str, default="", help="Eval JSONL (default: the model's own project's eval set).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_one_line_errors
+def evaluate(model_uri, eval_data, no_progress):
+    """Generate answers with a logged model for a held-out set and log the scores in a new run."""
+    from mlflow_tunix.pipeline import run_evaluate
+
+    run_evaluate(model_uri, eval_data=_opt(eval_data), progress=not no_progress)
+
+
+# --------------------------------------------------------------------------- data
+@main.group()
+def data():
+    """Make and check reasoning-trace datasets (JSONL)."""
+
+
+@data.command("generate")
+@click.argument("name")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Number of examples (generator default if omitted).")
+@click.option("--seed", type=int, default=None, help="Random seed: same seed, same file (default 0; 42 for golden-v2, tunix-rt's).")
+@click.option("--no-trace", is_flag=True, help="Direct answers: empty <reasoning> (addition only).")
+@click.option("--digits", type=(int, int), default=None, help="Operand length range LO HI (addition only), e.g. --digits 1 4.")
+@_one_line_errors
+def data_generate(name, out, n, seed, no_trace, digits):
+    """Write a seeded synthetic dataset NAME to --out.
+
+    NAME is one of: addition (n-digit sums with a digit-by-digit carry scratchpad), golden-v2
+    (tunix-rt's 100-item golden set), high-card (a card duel where the answer needs the reasoning).
+    """
+    from mlflow_tunix import data as data_mod
+
+    if seed is None:
+        seed = 42 if name == "golden-v2" else 0
+    options = {}
+    if no_trace:
+        options["trace"] = False
+    if digits:
+        options["digits"] = tuple(digits)
+    records = data_mod.generate(name, n=n, seed=seed, **options)
+    data_mod.write_jsonl(records, out)
+    click.echo(f"wrote {len(records)} examples to {out}")
+
+
+@data.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@_one_line_errors
+def data_validate(file, as_json):
+    """Check FILE (trace, prompt/completion or eval-item JSONL) and print its counts.
+
+    Exits 2 with `file:line: problem` on the first bad record.
+    """
+    from mlflow_tunix import data as data_mod
+
+    summary = data_mod.summarize(data_mod.read_jsonl(file))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{file}: ok")
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            click.echo(f"  {key}:")
+            for k, v in value.items():
+                click.echo(f"    {k}: {v}")
+        else:
+            click.echo(f"  {key}: {value}")
+
+
+# --------------------------------------------------------------------------- registry
+@main.command()
+@click.option("--model", "model_name", required=True, help="Registered model name.")
+@click.option("--metric", default="answer_accuracy", show_default=True, help="Eval metric to rank by (higher is better).")
+@click.option("--eval-digest", default=None, help="Only versions evaluated on the eval set with this digest.")
+@click.option("--stage", default=None, type=click.Choice(["None", "Staging", "Production", "Archived"]), help="Only versions in this stage.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Show the best K only.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@_one_line_errors
+def leaderboard(model_name, metric, eval_digest, stage, top, fmt):
+    """Rank the registered versions of a model by an eval metric.
+
+    Ties break on the older version first. `json` prints a list of objects with version, stage,
+    aliases, metrics, run_id and created.
+    """
+    from mlflow_tunix import registry
+
+    rows = registry.leaderboard(model_name, metric=metric, eval_digest=eval_digest, stage=stage, top=top)
+    click.echo(registry.format_leaderboard(rows, fmt=fmt, metric=metric))
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="Registered model name.")
+@click.option("--version", default=None, help="The version to promote ('best' = --best).")
+@click.option("--best", is_flag=True, help="Promote the version ranked first by --metric.")
+@click.option("--metric", default="answer_accuracy", show_default=True, help="Eval metric compared with the champion.")
+@click.option("--max-regression", type=click.FloatRange(min=0.0), default=0.05, show_default=True,
+              help="Refuse a challenger worse than the champion by more than this relative margin.")
+@_one_line_errors
+def promote(model_name, version, best, metric, max_regression):
+    """Move a version to Production and the `champion` alias.
+
+    The previous Production version is archived. A challenger evaluated on another eval set than the
+    champion, or worse than it by more than --max-regression, is refused.
+    """
+    from mlflow_tunix import registry
+
+    if version == "best":
+        version, best = None, True
+    if bool(version) == bool(best):
+        raise click.UsageError("give exactly one of --version V or --best")
+    result = registry.promote(model_name, version=version, best=best, metric=metric, max_regression=max_regression)
+    click.echo(result.message)
+
+
+if __name__ == "__main__":
+    main()

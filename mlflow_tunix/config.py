@@ -1,0 +1,265 @@
+"""Project configs: one YAML file per experiment under ``projects/<name>/config.yaml``.
+
+A project names its data (files or seeded generators), tokenizer, model, training and generation
+settings. Each section maps onto the config dataclass of the stage that owns it (``ModelConfig`` in
+model.py, ``TrainConfig`` in train.py, ...). Loading is strict: an unknown key, a wrong type or an
+out-of-range value is refused with the key's dotted name, before any MLflow run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflow_tunix.errors import ConfigError
+from mlflow_tunix.generate import GenerationConfig
+from mlflow_tunix.model import ModelConfig
+from mlflow_tunix.tokenizer import TokenizerConfig
+from mlflow_tunix.train import TrainConfig
+
+PROJECTS_DIR = Path(__file__).resolve().parent.parent / "projects"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One part of a dataset: a JSONL file, or a seeded generator (``mlflow_tunix.data.GENERATORS``)."""
+
+    path: str | None = None
+    generator: str | None = None
+    n: int | None = None
+    seed: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.path:
+            return self.path
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"generator:{self.generator}(n={self.n},seed={self.seed}{',' + opts if opts else ''})"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: tuple[DataSource, ...] = ()
+    eval: tuple[DataSource, ...] = ()  # empty: a seeded split of train is held out
+    eval_fraction: float = 0.1
+    split_seed: int = 0
+    template: str = "plain"  # prompt template: plain | gemma
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    name: str
+    description: str = ""
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    generation: GenerationConfig = GenerationConfig()
+    registered_model_name: str | None = None  # default: tunix-<name>
+    base_dir: str = "."  # where relative data paths are resolved (the config file's folder)
+
+    @property
+    def model_name(self) -> str:
+        return self.registered_model_name or f"tunix-{self.name}"
+
+
+# --------------------------------------------------------------------------- strict conversion
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, key)
+    if origin is tuple:
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(args[0]):
+            value = [value]  # a single source may be written without the list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else _bad(key, "an integer", value)
+            except ValueError:
+                _bad(key, "an integer", value)
+        if not isinstance(value, int):
+            _bad(key, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            _bad(key, "a number", value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            _bad(key, "a number", value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            _bad(key, "a string", value)
+        return str(value)
+    return value
+
+
+def _bad(key, expected, value):
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def from_dict(cls, values, key: str = ""):
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types by dotted key."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{key or cls.__name__}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        dotted = f"{key}.{k}" if key else str(k)
+        if k not in names:
+            raise ConfigError(f"{dotted}: unknown key; allowed: {', '.join(names)}")
+        kwargs[k] = _convert(v, hints[k], dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{key or cls.__name__}: {exc}") from None
+
+
+def to_flat_dict(obj, prefix: str = "") -> dict[str, Any]:
+    """``{"train.steps": 2000, ...}``: the resolved config as MLflow params."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat_dict(value, key + "."))
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                out.update(to_flat_dict(item, f"{key}.{i}."))
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+# --------------------------------------------------------------------------- loading
+def project_names() -> list[str]:
+    return sorted(p.parent.name for p in PROJECTS_DIR.glob(f"*/{CONFIG_FILE}"))
+
+
+def resolve_path(config: str) -> Path:
+    """``addition`` -> projects/addition/config.yaml; a path to a YAML file or a project folder as given."""
+    candidate = Path(config)
+    if candidate.is_dir():
+        candidate = candidate / CONFIG_FILE
+    if candidate.is_file():
+        return candidate
+    named = PROJECTS_DIR / config / CONFIG_FILE
+    if named.is_file():
+        return named
+    raise ConfigError(f"config: no project named {config!r} and no such file; projects: {', '.join(project_names())}")
+
+
+def load_project(config: str, overrides: Mapping[str, Any] | None = None, *, train_data: str | None = None,
+                 eval_data: str | None = None) -> ProjectConfig:
+    """Load a project by name or path, apply dotted ``overrides`` (``{"train.steps": 100}``) and data
+    files (see :func:`with_data_files`), validate."""
+    import yaml
+
+    path = resolve_path(config)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw.setdefault("name", path.parent.name)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {part} is not a section")
+        node[leaf] = value
+    raw["base_dir"] = str(path.parent.resolve())
+    cfg = with_data_files(from_dict(ProjectConfig, raw), train_data, eval_data)
+    validate(cfg)
+    return cfg
+
+
+def with_data_files(cfg: ProjectConfig, train_data: str | None, eval_data: str | None) -> ProjectConfig:
+    """Replace the project's data by files (train_data alone: a seeded split holds out the eval set)."""
+    data = cfg.data
+    if train_data:
+        data = dataclasses.replace(data, train=(DataSource(path=str(Path(train_data).absolute())),), eval=())
+    if eval_data:
+        data = dataclasses.replace(data, eval=(DataSource(path=str(Path(eval_data).absolute())),))
+    return dataclasses.replace(cfg, data=data)
+
+
+def _check(ok: bool, key: str, message: str):
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: ProjectConfig) -> None:
+    """Range checks that need no data. Data-dependent ones (batch vs dataset size, sequence length) are in pipeline."""
+    from mlflow_tunix import data as data_mod
+
+    t, m, g = cfg.train, cfg.model, cfg.generation
+    _check(t.steps >= 1, "train.steps", f"must be at least 1, got {t.steps}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be at least 1, got {t.batch_size}")
+    _check(t.learning_rate > 0, "train.learning_rate", f"must be positive, got {t.learning_rate}")
+    _check(0 <= t.warmup_steps, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _check(t.grad_clip > 0, "train.grad_clip", f"must be positive, got {t.grad_clip}")
+    _check(t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}")
+    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = never), got {t.eval_every}")
+    _check(m.d_model % m.n_heads == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head size d_model/n_heads must be even (rotary embeddings)")
+    for key in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        _check(getattr(m, key) >= 1, f"model.{key}", f"must be at least 1, got {getattr(m, key)}")
+    _check(g.max_new_tokens >= 1, "generation.max_new_tokens", f"must be at least 1, got {g.max_new_tokens}")
+    _check(g.max_new_tokens < m.max_seq_len, "generation.max_new_tokens",
+           f"{g.max_new_tokens} leaves no room for a prompt in model.max_seq_len={m.max_seq_len}")
+    _check(g.temperature >= 0, "generation.temperature", f"must be >= 0, got {g.temperature}")
+    _check(g.top_k >= 0, "generation.top_k", f"must be >= 0, got {g.top_k}")
+    _check(cfg.data.template in data_mod.TEMPLATES, "data.template",
+           f"{cfg.data.template!r} is not one of {', '.join(data_mod.TEMPLATES)}")
+    _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", f"must be between 0 and 1, got {cfg.data.eval_fraction}")
+    _check(len(cfg.data.train) >= 1, "data.train", "no training data: give a file (train_data) or a generator")
+    for part, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        for i, src in enumerate(sources):
+            key = f"data.{part}[{i}]"
+            _check(bool(src.path) != bool(src.generator), key, "give exactly one of path or generator")
+            if src.generator:
+                _check(src.generator in data_mod.GENERATORS, f"{key}.generator",
+                       f"{src.generator!r} is not one of {', '.join(data_mod.GENERATORS)}")

@@ -1,0 +1,37 @@
+"""The errors mlflow-tunix raises for bad input.
+
+Each is raised where the problem is known, carries the file/line/key that caused it, and is
+shown to the user once, as one line, at the CLI boundary (``mlflow_tunix.cli``).
+"""
+
+from __future__ import annotations
+
+
+class TunixError(Exception):
+    """Base class: a problem the user can fix (bad data, bad config, bad request)."""
+
+
+class DataError(TunixError):
+    """A dataset file is unreadable or malformed. The message starts with ``file:line:``."""
+
+    def __init__(self, path, line: int | None, message: str):
+        self.path = str(path)
+        self.line = line
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(TunixError):
+    """A project config or an override names an unknown key or holds a bad value."""
+
+
+class ModelLoadError(TunixError):
+    """A saved model is incomplete, altered or of an unknown format."""
+
+
+class InputError(TunixError):
+    """A prediction request is malformed or asks for values out of range."""
+
+
+class TrainingError(TunixError):
+    """Training cannot go on (for example: the loss became NaN)."""

@@ -8,6 +8,7 @@ out-of-range value is refused with the key's dotted name, before any MLflow run 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -46,6 +47,9 @@ class DataSource:
 class DataConfig:
     train: tuple[DataSource, ...] = ()
     eval: tuple[DataSource, ...] = ()  # empty: a seeded split of train is held out
+    # Further held-out sets scored after the main one, each under its own metric prefix
+    # (e.g. {"5-digit": [...]} -> "5-digit/answer_accuracy"): probes such as length generalization.
+    extra_eval: Mapping[str, tuple[DataSource, ...]] = field(default_factory=dict)
     eval_fraction: float = 0.1
     split_seed: int = 0
     template: str = "plain"  # prompt template: plain | gemma
@@ -91,9 +95,11 @@ def _convert(value, tp, key: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (Mapping, dict) or tp in (dict, Mapping):
+    if origin in (collections.abc.Mapping, dict) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if len(args) == 2 and args[1] is not Any:
+            return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return {str(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
@@ -161,6 +167,11 @@ def to_flat_dict(obj, prefix: str = "") -> dict[str, Any]:
         elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
             for i, item in enumerate(value):
                 out.update(to_flat_dict(item, f"{key}.{i}."))
+        elif isinstance(value, Mapping) and any(isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0])
+                                                for v in value.values()):
+            for name, items in value.items():
+                for i, item in enumerate(items):
+                    out.update(to_flat_dict(item, f"{key}.{name}.{i}."))
         else:
             out[key] = value
     return out
@@ -243,10 +254,7 @@ def validate(cfg: ProjectConfig) -> None:
     _check(t.grad_clip > 0, "train.grad_clip", f"must be positive, got {t.grad_clip}")
     _check(t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = never), got {t.eval_every}")
-    _check(m.d_model % m.n_heads == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head size d_model/n_heads must be even (rotary embeddings)")
-    for key in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-        _check(getattr(m, key) >= 1, f"model.{key}", f"must be at least 1, got {getattr(m, key)}")
+    # ModelConfig checks its own shapes (d_model divisible by n_heads, ...) when it is built.
     _check(g.max_new_tokens >= 1, "generation.max_new_tokens", f"must be at least 1, got {g.max_new_tokens}")
     _check(g.max_new_tokens < m.max_seq_len, "generation.max_new_tokens",
            f"{g.max_new_tokens} leaves no room for a prompt in model.max_seq_len={m.max_seq_len}")
@@ -256,7 +264,9 @@ def validate(cfg: ProjectConfig) -> None:
            f"{cfg.data.template!r} is not one of {', '.join(data_mod.TEMPLATES)}")
     _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", f"must be between 0 and 1, got {cfg.data.eval_fraction}")
     _check(len(cfg.data.train) >= 1, "data.train", "no training data: give a file (train_data) or a generator")
-    for part, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+    named = [("train", cfg.data.train), ("eval", cfg.data.eval)]
+    named += [(f"extra_eval.{name}", sources) for name, sources in cfg.data.extra_eval.items()]
+    for part, sources in named:
         for i, src in enumerate(sources):
             key = f"data.{part}[{i}]"
             _check(bool(src.path) != bool(src.generator), key, "give exactly one of path or generator")

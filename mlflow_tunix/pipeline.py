@@ -49,6 +49,7 @@ class Datasets:
     train_source: str
     eval_source: str
     dropped_overlap: int
+    extra: dict  # name -> (examples, source description)
 
 
 def load_source(source: DataSource, base_dir: str) -> list:
@@ -73,12 +74,18 @@ def build_datasets(cfg: ProjectConfig) -> Datasets:
         if ex.completion is None:
             raise DataError(ex.source or "train data", None, f"item {ex.id!r} has no completion to train on "
                             "(an eval-item file was given as training data)")
+    extra = {name: ([ex for src in sources for ex in load_source(src, cfg.base_dir)],
+                    " + ".join(s.describe() for s in sources))
+             for name, sources in cfg.data.extra_eval.items()}
     train, dropped = data_mod.drop_overlap(train, held)
+    for examples, _ in extra.values():
+        train, n = data_mod.drop_overlap(train, examples)
+        dropped += n
     if not train:
         raise DataError(cfg.data.train[0].describe(), None, "no training examples left after holding out the eval set")
     if not held:
         raise DataError(eval_source, None, "the eval set is empty")
-    return Datasets(train, held, " + ".join(s.describe() for s in cfg.data.train), eval_source, dropped)
+    return Datasets(train, held, " + ".join(s.describe() for s in cfg.data.train), eval_source, dropped, extra)
 
 
 # --------------------------------------------------------------------------- MLflow run plumbing
@@ -230,6 +237,14 @@ def run_main(cfg: ProjectConfig, *, evaluate_model: bool = True, register: bool 
             metrics = ev.metrics
             mlflow.log_table(data=_table(ev.rows), artifact_file=TABLE_FILE)
             log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n_eval"))
+            for name, (examples, source) in ds.extra.items():
+                extra_ds = data_mod.to_mlflow_dataset(examples, name=f"{cfg.name}-{name}", source=source)
+                mlflow.log_input(extra_ds, context=f"evaluation/{name}")
+                extra_ev = evaluate(result.model, tokenizer, examples, generation, progress=progress)
+                extra_metrics = {f"{name}/{k}": v for k, v in extra_ev.metrics.items()}
+                metrics.update(extra_metrics)
+                mlflow.log_table(data=_table(extra_ev.rows), artifact_file=f"eval/{name}.json")
+                log(f"eval {name}: answer_accuracy {extra_ev.accuracy:.4f}")
 
         model_name = f"{cfg.name}-{run_id[:8]}"
         sha = params_sha256(result.model)

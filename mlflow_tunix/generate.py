@@ -1,0 +1,252 @@
+"""Batched generation with a KV cache, the whole decode inside one jax.jit.
+
+A batch of prompts is left-padded to a bucketed length, prefilled in one call, then extended one
+token per step by a ``jax.lax.while_loop`` that stops as soon as every row has emitted a stop
+token. Shapes are bucketed so the compiled function is reused across batches and calls.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from mlflow_tunix.errors import InputError
+
+# Prompt lengths are rounded up to a multiple of this, so that prompts of similar length share
+# one compiled function.
+PROMPT_BUCKET = 16
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k filter
+    seed: int = 0
+    batch_size: int = 64
+    prompt_template: str = "plain"  # applied by callers with mlflow_tunix.data.render_prompt
+
+
+def generate_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: Sequence[int],
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[list[int]]:
+    """New tokens for each prompt, cut after the first stop token (the stop token is kept).
+
+    Greedy when temperature == 0, else sampled from softmax(logits / temperature), restricted to
+    the top_k most likely tokens when top_k > 0. Sampling is keyed by seed and the prompt's index,
+    so a prompt gets the same sample whatever batch it lands in.
+    """
+    config = model.config
+    prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+    _check_request(prompts, config, max_new_tokens, pad_id, stop_ids, temperature, top_k, batch_size)
+    if not prompts:
+        return []
+
+    # A full batch always has the same shape; a request smaller than batch_size runs the next
+    # power of two rows instead of paying for batch_size rows.
+    rows = min(batch_size, 1 << (len(prompts) - 1).bit_length())
+    # top_k >= vocab keeps every token: the same as no filter.
+    top_k = 0 if top_k >= config.vocab_size else int(top_k)
+    stop = tuple(sorted({int(s) for s in stop_ids}))
+    graphdef, state = nnx.split(model)
+
+    results: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), rows), desc="generate", unit="batch", disable=not progress):
+        chunk = prompts[start : start + rows]
+        longest = max(len(p) for p in chunk)
+        # Round up for reuse, but never past what the KV cache may hold.
+        prompt_len = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, config.max_seq_len - max_new_tokens)
+
+        tokens = np.full((rows, prompt_len), pad_id, np.int32)
+        prompt_mask = np.zeros((rows, prompt_len), bool)
+        live = np.zeros((rows,), bool)
+        for i, p in enumerate(chunk):
+            tokens[i, prompt_len - len(p) :] = p
+            prompt_mask[i, prompt_len - len(p) :] = True
+            live[i] = True
+        # Dummy rows hold one pad token so that no row is fully masked; they start "done".
+        prompt_mask[len(chunk) :, -1] = True
+        row_ids = np.arange(start, start + rows, dtype=np.int32)
+
+        out = _generate_batch(
+            graphdef,
+            state,
+            jnp.asarray(tokens),
+            jnp.asarray(prompt_mask),
+            jnp.asarray(live),
+            jnp.asarray(row_ids),
+            jnp.asarray(stop, jnp.int32),
+            jnp.int32(pad_id),
+            jnp.float32(max(temperature, 1e-6)),
+            jnp.uint32(seed % 2**32),  # any Python int is a valid seed
+            max_new_tokens=max_new_tokens,
+            greedy=temperature == 0,
+            top_k=top_k,
+        )
+        out = np.asarray(out)
+        for i in range(len(chunk)):
+            results.append(_cut_after_stop(out[i].tolist(), stop))
+    return results
+
+
+def _cut_after_stop(ids: list[int], stop: tuple[int, ...]) -> list[int]:
+    for n, token in enumerate(ids):
+        if token in stop:
+            return ids[: n + 1]
+    return ids
+
+
+def _check_request(prompts, config, max_new_tokens, pad_id, stop_ids, temperature, top_k, batch_size):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k < 0:
+        raise InputError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k!r}")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size!r}")
+    vocab = config.vocab_size
+    for name, token in [("pad_id", pad_id)] + [("stop id", s) for s in stop_ids]:
+        if not 0 <= token < vocab:
+            raise InputError(f"{name} {token} is outside the vocabulary (size {vocab})")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise InputError(f"prompt {i} is empty")
+        if len(p) + max_new_tokens > config.max_seq_len:
+            raise InputError(
+                f"prompt {i} has {len(p)} tokens + max_new_tokens {max_new_tokens} = "
+                f"{len(p) + max_new_tokens}, more than the model's max_seq_len {config.max_seq_len}"
+            )
+        if p.min() < 0 or p.max() >= vocab:
+            bad = int(p[(p < 0) | (p >= vocab)][0])
+            raise InputError(f"prompt {i} has token id {bad} outside the vocabulary (size {vocab})")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k")
+)
+def _generate_batch(
+    graphdef, state, tokens, prompt_mask, live, row_ids, stop_ids, pad_id, temperature, seed,
+    *, max_new_tokens, greedy, top_k,
+):
+    """Token ids [B, max_new_tokens] for left-padded prompts [B, P]; pad after a row stops.
+
+    graphdef is a static argument, so jit's own cache keys compiled code on graphdef + shapes:
+    any model with the same architecture reuses it.
+    """
+    model = nnx.merge(graphdef, state)
+    B, P = tokens.shape
+    lengths = prompt_mask.sum(axis=-1)
+    # Each row counts positions from its first real token, so left padding does not shift RoPE.
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+    # Pad slots are never attended; generated slots become visible as the causal mask reaches them.
+    kv_mask = jnp.concatenate([prompt_mask, jnp.ones((B, max_new_tokens), bool)], axis=1)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids)
+
+    def pick(logits, step):  # logits [B, V] -> token ids [B]
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / temperature
+        if top_k:
+            kth_best = jax.lax.top_k(logits, top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth_best, -jnp.inf, logits)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+    def is_stop(token):
+        return (token[:, None] == stop_ids[None, :]).any(axis=-1)
+
+    cache = model.init_cache(B, P + max_new_tokens)
+    logits, cache = model(tokens, positions, cache=cache, cache_index=0, kv_mask=kv_mask)
+    token = jnp.where(live, pick(logits[:, -1], 0), pad_id)
+    done = ~live | is_stop(token)
+    out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+
+    def keep_going(carry):
+        step, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def one_step(carry):
+        step, out, token, done, cache = carry
+        # The previous token goes in slot P + step - 1 at its row's own position.
+        logits, cache = model(
+            token[:, None], (lengths + step - 1)[:, None],
+            cache=cache, cache_index=P + step - 1, kv_mask=kv_mask,
+        )
+        token = jnp.where(done, pad_id, pick(logits[:, -1], step))
+        out = out.at[:, step].set(token)
+        return step + 1, out, token, done | is_stop(token), cache
+
+    _, out, _, _, _ = jax.lax.while_loop(keep_going, one_step, (jnp.int32(1), out, token, done, cache))
+    return out
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    config: GenerationConfig,
+    *,
+    stop_tokens: Sequence[str] = ("</answer>",),
+    progress: bool = False,
+) -> list[str]:
+    """Completion text for each (already templated) prompt.
+
+    tokenizer is a transformers PreTrainedTokenizerFast with pad_token and eos_token set.
+    Generation stops at EOS or any of stop_tokens; a stop token is kept in the text, special tokens
+    such as <reasoning> are kept, pad and EOS are removed.
+    """
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if pad_id is None or eos_id is None:
+        raise InputError("the tokenizer needs a pad_token and an eos_token for generation")
+
+    # A stop token that is one token id stops generation in the loop; a longer stop string can
+    # only be found in the decoded text, so it is cut there.
+    stop_ids, stop_strings = [eos_id], []
+    for stop in stop_tokens:
+        ids = tokenizer.encode(stop, add_special_tokens=False)
+        if len(ids) == 1 and tokenizer.decode(ids) == stop:
+            stop_ids.append(ids[0])
+        else:
+            stop_strings.append(stop)
+
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    new_ids = generate_ids(
+        model,
+        encoded,
+        max_new_tokens=config.max_new_tokens,
+        pad_id=pad_id,
+        stop_ids=stop_ids,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
+
+    texts = []
+    for ids in new_ids:
+        ids = [t for t in ids if t != pad_id and t != eos_id]
+        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for stop in stop_strings:
+            if stop in text:
+                text = text[: text.index(stop) + len(stop)]
+        texts.append(text)
+    return texts

@@ -1,0 +1,70 @@
+"""The promises the repository makes about itself: README commands, CI, dependency lists, layout."""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO
+
+
+def _readme_commands():
+    return re.findall(r"```bash\n(.*?)\n```", (REPO / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_opens_with_the_two_set_up_and_go_commands():
+    first, second = _readme_commands()[:2]
+    assert first.strip().endswith("pip install -e . && mlflow run . --env-manager local")
+    assert second.strip().endswith("pip install -e '.[dev]' && python -m pytest -q")
+
+
+def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
+    ci = (REPO / ".ci" / "run").read_text()
+    test_command = _readme_commands()[1].split("&&")[-1].strip()
+    assert "python3 -m venv" in ci and "pip install --quiet -e '.[dev]'" in ci
+    assert ci.strip().splitlines()[-1].strip() == test_command
+
+
+def test_conda_env_lists_the_same_dependencies_as_pyproject():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(d for d in pip_deps if d != "-e .") == sorted(deps)
+    assert "mlflow>=3.17,<3.18" in deps
+
+
+STAGES = ["data", "tokenizer", "model", "train", "generate", "evaluate", "flavor", "registry"]
+
+
+def test_a_stage_never_imports_a_later_one():
+    for i, stage in enumerate(STAGES):
+        tree = ast.parse((REPO / "mlflow_tunix" / f"{stage}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mlflow_tunix"):
+                imported.add(node.module.split(".")[1] if "." in node.module else node.names[0].name)
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[1] for a in node.names if a.name.startswith("mlflow_tunix.")}
+        later = imported & set(STAGES[i + 1:])
+        assert not later, f"{stage}.py imports later stage(s) {sorted(later)}"
+
+
+def test_every_project_config_loads():
+    from mlflow_tunix.config import load_project, project_names
+
+    names = project_names()
+    assert {"addition", "addition-direct", "golden-v2", "high-card", "dev-reasoning"} <= set(names)
+    for name in names:
+        cfg = load_project(name, train_data=str(REPO / "README.md") if name == "dev-reasoning" else None)
+        assert cfg.name == name
+
+
+def test_no_run_output_is_tracked():
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert not [p for p in tracked if p.startswith(("mlruns/", "mlartifacts/")) or p.endswith((".db", ".pkl"))]

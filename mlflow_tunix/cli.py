@@ -114,30 +114,94 @@ def _yaml_value(text):
         return text
 
 
+def _resume_option(fn):
+    return click.option(
+        "--resume", "resume", default="", metavar="RUN_ID",
+        help="Continue this run (killed, FAILED, or cut off from its tracking server) from its newest "
+             "checkpoint, with its own config: no other option is needed, and none may differ.")(fn)
+
+
+# What each project option holds when not given (MLproject passes these, as "" or 0).
+_NOT_GIVEN = {"config": ("addition", ""), "train_data": ("",), "eval_data": ("",), "steps": (0,),
+              "seed": (None, 0), "overrides": ((),), "registered_model_name": ("",)}
+
+
+def _check_resume_alone(resume, **options):
+    """--resume takes the run's own config: refuse an option that would seem to change it."""
+    for name, value in options.items():
+        if value not in _NOT_GIVEN[name]:
+            flag = "--set" if name == "overrides" else "--" + name.replace("_", "-")
+            raise click.UsageError(f"--resume {resume} continues the run with its own config; drop {flag} "
+                                   f"(a different config would not be the same run)")
+
+
+def _train_command(fn_name, resume, no_progress, options):
+    """Run the pipeline; Ctrl-C/SIGTERM (checkpointed by the trainer) exit 128+signal, no traceback."""
+    from mlflow_tunix import pipeline
+
+    try:
+        if _opt(resume):
+            _check_resume_alone(resume, **options)
+            getattr(pipeline, fn_name)(None, progress=not no_progress, resume=resume)
+        else:
+            getattr(pipeline, fn_name)(_load(**options), progress=not no_progress)
+    except KeyboardInterrupt as exc:  # in training, the pipeline has said where it stopped and how to continue
+        if not hasattr(exc, "step"):
+            click.echo("interrupted", err=True)
+        sys.exit(128 + getattr(exc, "signum", 2))
+
+
 @main.command()
 @_project_options
+@_resume_option
 @_one_line_errors
-def run(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress):
+def run(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress, resume):
     """The whole job: data -> train -> evaluate -> log the model -> register it.
 
     Logs params, the loss curve, both datasets, eval metrics, every generated answer (as a table)
     and the model (mlflow_tunix flavor) to one MLflow run, then registers the model in Staging.
+    Training is checkpointed (train.checkpoint_every); `--resume RUN_ID` continues a run that
+    stopped, to the same weights an uninterrupted run would have.
     """
-    from mlflow_tunix.pipeline import run_main
-
-    cfg = _load(config, train_data, eval_data, steps, seed, overrides, registered_model_name)
-    run_main(cfg, progress=not no_progress)
+    _train_command("run_main", resume, no_progress, dict(
+        config=config, train_data=train_data, eval_data=eval_data, steps=steps, seed=seed, overrides=overrides,
+        registered_model_name=registered_model_name))
 
 
 @main.command()
 @_project_options
+@_resume_option
 @_one_line_errors
-def train(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress):
-    """Train a project and log the trained model (no generation eval, no registration)."""
-    from mlflow_tunix.pipeline import run_train
+def train(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress, resume):
+    """Train a project and log the trained model (no generation eval, no registration).
 
-    cfg = _load(config, train_data, eval_data, steps, seed, overrides, registered_model_name)
-    run_train(cfg, progress=not no_progress)
+    `--resume RUN_ID` continues a run that stopped, from its newest checkpoint.
+    """
+    _train_command("run_train", resume, no_progress, dict(
+        config=config, train_data=train_data, eval_data=eval_data, steps=steps, seed=seed, overrides=overrides,
+        registered_model_name=registered_model_name))
+
+
+@main.command("resend-metrics")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--run-id", required=True, help="The run the points belong to.")
+@_one_line_errors
+def resend_metrics(file, run_id):
+    """Log the metric points kept in FILE (a JSONL file written while the tracking server was
+    away) to run --run-id.
+
+    Points the run already has (same metric, same step) are skipped, so running it twice is
+    harmless. `--resume` does this by itself before it continues a run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_tunix.tracking import resend_metrics as resend
+
+    try:
+        sent, there = resend(file, run_id)
+    except MlflowException as exc:  # no such run, or the server still away
+        raise TunixError(f"{file}: not sent to run {run_id}: {' '.join(str(exc).split())[:500]}") from None
+    click.echo(f"sent {sent} metric points to run {run_id} ({there} were there already)")
 
 
 @main.command()

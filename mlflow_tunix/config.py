@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ def _convert(value, tp, key: str):
             _bad(key, "a number", value)
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
             _bad(key, "a number", value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -258,7 +259,8 @@ def validate(cfg: ProjectConfig) -> None:
     _check(g.max_new_tokens >= 1, "generation.max_new_tokens", f"must be at least 1, got {g.max_new_tokens}")
     _check(g.max_new_tokens < m.max_seq_len, "generation.max_new_tokens",
            f"{g.max_new_tokens} leaves no room for a prompt in model.max_seq_len={m.max_seq_len}")
-    _check(g.temperature >= 0, "generation.temperature", f"must be >= 0, got {g.temperature}")
+    _check(math.isfinite(g.temperature) and g.temperature >= 0, "generation.temperature",
+           f"must be >= 0, got {g.temperature}")
     _check(g.top_k >= 0, "generation.top_k", f"must be >= 0, got {g.top_k}")
     _check(cfg.data.template in data_mod.TEMPLATES, "data.template",
            f"{cfg.data.template!r} is not one of {', '.join(data_mod.TEMPLATES)}")

@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, TINY, cli_env, run_cli
 
 
+
+
 def _only_run(client: MlflowClient):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, [r.info.run_id for r in runs]
@@ -114,3 +116,26 @@ def test_evaluate_command_scores_a_logged_model(tracking_uri, tmp_path):
     runs = [r for r in client.search_runs(["0"]) if r.info.run_id != result.run_id]
     assert len(runs) == 1 and runs[0].data.metrics["n_eval"] == 12
     assert runs[0].data.params["model_uri"] == "models:/tunix-tiny/1"
+
+
+def test_default_project_learns_held_out_addition(tracking_uri, tmp_path):
+    """The README's main command, unchanged: the default project must answer >= 98 % of 500 held-out
+    4-digit sums (never seen in training) right, through generation, and say so in MLflow."""
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"],
+                          cwd=tmp_path, env=cli_env(tracking_uri), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    run = _only_run(client)
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert metrics["n_eval"] >= 500
+    assert metrics["answer_accuracy"] >= 0.98, metrics
+    assert metrics["format_rate"] >= 0.98
+    assert "5-digit/answer_accuracy" in metrics  # the length-generalization probe is reported too
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 100
+    train_input = next(i for i in run.inputs.dataset_inputs if i.tags[0].value == "training")
+    eval_input = next(i for i in run.inputs.dataset_inputs if i.tags[0].value == "evaluation")
+    assert train_input.dataset.digest != eval_input.dataset.digest
+    version = client.get_model_version("tunix-addition", "1")
+    assert version.current_stage == "Staging" and float(version.tags["metric.answer_accuracy"]) >= 0.98
+    assert "compare runs: http://" in proc.stderr

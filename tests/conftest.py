@@ -1,10 +1,17 @@
-"""Shared fixtures: a real sqlite MLflow store per test, paths to the repo and the shared fixtures."""
+"""Shared fixtures: a real sqlite MLflow store per test, paths to the repo and the shared fixtures;
+helpers for real server subprocesses and the tiny model several test modules use."""
 
 from __future__ import annotations
 
 import os
+import random
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,3 +75,115 @@ def run_cli(args, tracking_uri: str, cwd=None, **extra_env) -> subprocess.Comple
     """Run `python -m mlflow_tunix.cli ARGS` as a user would, against the given store."""
     return subprocess.run([sys.executable, "-m", "mlflow_tunix.cli", *map(str, args)], cwd=cwd or os.getcwd(),
                           env=cli_env(tracking_uri, **extra_env), capture_output=True, text=True)
+
+
+# --------------------------------------------------------------------------- real server subprocesses
+# Every test `mlflow server` is quiet and light: MLflow would phone home, and MLflow 3.17 otherwise
+# starts ~7 huey job workers that busy-loop on a 2-core box.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_answers(url: str, proc: subprocess.Popen, log_path: Path, what: str) -> None:
+    """Poll ``url`` until it answers 200; fail with the tail of ``log_path`` if ``proc`` exits first.
+
+    No deadline: the loop ends when the server answers or dies (a first start migrates a new sqlite
+    schema, a model server loads jax: both take seconds on a busy box).
+    """
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass  # the whole group is gone already
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a server started with ``start_new_session=True`` and the workers it forked (they share its group).
+
+    SIGTERM, then SIGKILL if it still runs after ``grace`` seconds; ``grace=0`` kills at once, as a crash would.
+    """
+    if grace:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+
+
+def start_mlflow_server(root: Path, env_extra: dict | None = None) -> tuple[str, subprocess.Popen]:
+    """Start a real `mlflow server` on a free 127.0.0.1 port; return its URL and process once /health answers.
+
+    Its sqlite store, proxied artifacts and log live in ``root``: a second start on the same ``root`` serves
+    the same store. It runs in its own process group; stop it with stop_process_group.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # not this test's store
+    env.update(SERVER_ENV, **(env_extra or {}))
+    log_path = root / "server.log"
+    with open(log_path, "ab") as log:  # appended: a restart keeps the first server's log
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--artifacts-destination", str(root / "server-artifacts")],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_answers(f"{url}/health", proc, log_path, "mlflow server")
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return url, proc
+
+
+@contextmanager
+def mlflow_server_process(root: Path, env_extra: dict | None = None):
+    """start_mlflow_server for a ``with`` block: yields the URL, stops the process group on the way out."""
+    url, proc = start_mlflow_server(root, env_extra)
+    try:
+        yield url
+    finally:
+        stop_process_group(proc)
+
+
+# --------------------------------------------------------------------------- a tiny model
+def tiny_model_and_tokenizer():
+    """A tokenizer trained on a few hundred traces, and a tiny model whose greedy output varies.
+
+    A freshly initialised model is so unsure that its greedy output is one token repeated, which
+    would make "same generations" hold for any weights at all. Larger weights sharpen the logits,
+    so each prompt gets its own text and a wrong weight would show.
+    """
+    # Imported here: test modules that never build a model should not pay for importing jax.
+    from mlflow_tunix.model import ModelConfig, build_model, flat_params
+    from mlflow_tunix.tokenizer import TokenizerConfig, train_tokenizer
+
+    rng = random.Random(0)
+    texts = []
+    for _ in range(300):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        texts.append(f"What is {a}+{b}?\n<reasoning>{a}+{b}={a + b}</reasoning><answer>{a + b}</answer>")
+    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=300))
+    config = ModelConfig(vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
+    sharp = {k: v * (20.0 if k == "embed" else 8.0) for k, v in flat_params(build_model(config, seed=0)).items()}
+    return build_model(config, params=sharp), tokenizer

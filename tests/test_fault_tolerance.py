@@ -8,11 +8,9 @@ metric histories have exactly one point per step, and no failure leaves a regist
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, cli_env, run_cli
+from conftest import REPO, TINY, cli_env, free_port, run_cli, start_mlflow_server, stop_process_group
 
 STEPS = 100
 EVERY = 10  # checkpoint every 10 steps
@@ -327,42 +325,17 @@ def test_resume_refuses_what_it_cannot_continue(tracking_uri, tmp_path):
 
 
 # --------------------------------------------------------------------------- a tracking server that goes away
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts")],
-        cwd=tmp_path, env=cli_env(""), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    from mlflow_tunix.tracking import server_reachable
-
-    _wait_for(lambda: server_reachable(uri, timeout=1), server, poll=0.2)
-    return server, uri
-
-
-def _stop_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, at once
-    server.wait()
-
-
 def test_tracking_server_lost_mid_training(tmp_path, reference):
     """The server dies mid-training: training finishes with its checkpoints, the unsent metrics are kept
     with the command that re-sends them, the error says how to continue, no traceback. Once a server
     is back on the same store, re-sending and `--resume` complete the same run."""
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     proc = run_cli(["run", "--config", TINY, "--no-progress"], dead, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: the tracking server {dead} does not answer; start it " \
                                                    "or point MLFLOW_TRACKING_URI elsewhere"
 
-    server, uri = _start_server(tmp_path)
+    uri, server = start_mlflow_server(tmp_path)
     root = tmp_path / "ckpt"
     try:
         proc = _start(["run", "--config", TINY, "--no-progress", "--registered-model-name", "tiny-net",
@@ -370,7 +343,7 @@ def test_tracking_server_lost_mid_training(tmp_path, reference):
         run_dir = _wait_for(lambda: _run_dir(root), proc)
         _wait_for(lambda: _checkpoint_steps(run_dir), proc)
     finally:
-        _stop_server(server)
+        stop_process_group(server, grace=0)  # the server and its workers, at once: a crash
     _, err = proc.communicate()
     run_id = run_dir.name
     spill = run_dir / "unsent-metrics.jsonl"
@@ -387,7 +360,7 @@ def test_tracking_server_lost_mid_training(tmp_path, reference):
     unsent = [json.loads(line) for line in spill.read_text().splitlines()]
     assert {p["key"] for p in unsent} >= {"loss", "grad_norm", "learning_rate"}
 
-    server, uri = _start_server(tmp_path)  # back, on the same store
+    uri, server = start_mlflow_server(tmp_path)  # back, on the same store
     try:
         resent = run_cli(["resend-metrics", spill, "--run-id", run_id], uri, cwd=tmp_path)
         assert resent.returncode == 0, resent.stderr[-2000:]
@@ -401,7 +374,7 @@ def test_tracking_server_lost_mid_training(tmp_path, reference):
         assert run.data.tags["mlflow_tunix.params_sha256"] == reference["sha256"]
         assert [str(v.version) for v in client.search_model_versions("name='tiny-net'")] == ["1"]
     finally:
-        _stop_server(server)
+        stop_process_group(server, grace=0)
 
 
 def test_unsent_metrics_are_kept_and_resent_once(tracking_uri, tmp_path, capsys):
@@ -415,7 +388,7 @@ def test_unsent_metrics_are_kept_and_resent_once(tracking_uri, tmp_path, capsys)
     mlflow.end_run()
     capsys.readouterr()
     spill = tmp_path / "unsent.jsonl"
-    tracker = MlflowTracker(run.info.run_id, client=MlflowClient(f"http://127.0.0.1:{_free_port()}"),
+    tracker = MlflowTracker(run.info.run_id, client=MlflowClient(f"http://127.0.0.1:{free_port()}"),
                             flush_every=4, spill_path=spill)
     for step in range(10):
         tracker.log_scalar("loss", 1.0 / (step + 1), step)

@@ -5,7 +5,6 @@ One tiny model and tokenizer for the whole module, a real sqlite tracking store 
 
 import json
 import pickle
-import random
 import shutil
 from pathlib import Path
 
@@ -18,30 +17,13 @@ from mlflow.exceptions import MlflowException
 from mlflow_tunix import flavor
 from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
 from mlflow_tunix.generate import GenerationConfig
-from mlflow_tunix.model import ModelConfig, build_model, flat_params
-from mlflow_tunix.tokenizer import TokenizerConfig, train_tokenizer
+from mlflow_tunix.model import flat_params
+
+from conftest import tiny_model_and_tokenizer
 
 PROMPTS = ["What is 12+7?", "What is 3+45?", "Add 8 and 9."]
 GENERATION = GenerationConfig(max_new_tokens=12)
 NAME = "adder"  # the LoggedModel's name and the registered model's name
-
-
-def tiny_model_and_tokenizer():
-    """A tokenizer trained on a few hundred traces, and a tiny model whose greedy output varies.
-
-    A freshly initialised model is so unsure that its greedy output is one token repeated, which
-    would make "same generations" hold for any weights at all. Larger weights sharpen the logits,
-    so each prompt gets its own text and a wrong weight would show.
-    """
-    rng = random.Random(0)
-    texts = []
-    for _ in range(300):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        texts.append(f"What is {a}+{b}?\n<reasoning>{a}+{b}={a + b}</reasoning><answer>{a + b}</answer>")
-    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=300))
-    config = ModelConfig(vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
-    sharp = {k: v * (20.0 if k == "embed" else 8.0) for k, v in flat_params(build_model(config, seed=0)).items()}
-    return build_model(config, params=sharp), tokenizer
 
 
 @pytest.fixture(scope="module")

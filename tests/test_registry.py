@@ -9,13 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -27,6 +23,8 @@ from mlflow import MlflowClient
 from mlflow_tunix import registry
 from mlflow_tunix.cli import main as cli_main
 from mlflow_tunix.errors import TunixError
+
+from conftest import mlflow_server_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_DIGEST = "e" * 64
@@ -73,36 +71,8 @@ def sqlite_store(empty_sqlite_db, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free local port, shared by the module's server tests."""
-    root = tmp_path_factory.mktemp("server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "server.log", "wb")
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job workers on a 2-core box
-    env.pop("MLFLOW_TRACKING_URI", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    while True:  # no deadline: the loop ends when the server answers or dies
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.3)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker share our new session
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-    log.close()
+    with mlflow_server_process(tmp_path_factory.mktemp("server")) as uri:
+        yield uri
 
 
 @pytest.fixture

@@ -5,12 +5,8 @@ The server loads ``models:/<name>/<version>`` from a sqlite registry in a temp d
 """
 
 import os
-import random
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -20,31 +16,12 @@ import requests
 
 from mlflow_tunix import flavor
 from mlflow_tunix.generate import GenerationConfig
-from mlflow_tunix.model import ModelConfig, build_model, flat_params
-from mlflow_tunix.tokenizer import TokenizerConfig, train_tokenizer
+
+from conftest import free_port, stop_process_group, tiny_model_and_tokenizer, wait_until_answers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is 12+7?", "What is 3+45?", "Add 8 and 9."]
 NAME = "served-adder"
-
-
-def tiny_model_and_tokenizer():
-    """The same tiny model as tests/test_flavor.py: weights scaled so greedy output varies."""
-    rng = random.Random(0)
-    texts = []
-    for _ in range(300):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        texts.append(f"What is {a}+{b}?\n<reasoning>{a}+{b}={a + b}</reasoning><answer>{a + b}</answer>")
-    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=300))
-    config = ModelConfig(vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
-    sharp = {k: v * (20.0 if k == "embed" else 8.0) for k, v in flat_params(build_model(config, seed=0)).items()}
-    return build_model(config, params=sharp), tokenizer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -90,24 +67,10 @@ def server(registered, tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        # Loading jax and the model takes seconds: poll /ping for as long as the server lives.
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the model server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping").status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        wait_until_answers(f"{url}/ping", proc, log_path, "the model server")  # loading jax takes seconds
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 def invoke(url, payload):

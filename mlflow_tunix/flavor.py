@@ -611,7 +611,11 @@ def load_model(model_uri, dst_path=None) -> TunixModel:
         A :class:`TunixModel`. A missing, truncated, altered or unexpected file raises
         :class:`~mlflow_tunix.errors.ModelLoadError` naming it.
     """
-    local_path = Path(_download_artifact_from_uri(artifact_uri=str(model_uri), output_path=dst_path))
+    try:
+        local_path = Path(_download_artifact_from_uri(artifact_uri=str(model_uri), output_path=dst_path))
+    except (MlflowException, OSError) as exc:  # an unknown run, model, version or alias; a missing path
+        message = exc.message if isinstance(exc, MlflowException) else str(exc)
+        raise ModelLoadError(f"{model_uri}: {message}") from None
     flavor_conf = _flavor_conf(local_path)
     _add_code_from_conf_to_system_path(str(local_path), flavor_conf)
     return _load_from_data_dir(local_path / flavor_conf.get("data", DATA_PATH), flavor_conf)

@@ -139,3 +139,11 @@ def test_default_project_learns_held_out_addition(tracking_uri, tmp_path):
     version = client.get_model_version("tunix-addition", "1")
     assert version.current_stage == "Staging" and float(version.tags["metric.answer_accuracy"]) >= 0.98
     assert "compare runs: http://" in proc.stderr
+
+
+def test_evaluate_an_unknown_model_is_one_line(tracking_uri, tmp_path):
+    proc = run_cli(["evaluate", "--model-uri", "models:/no-such-model/1"], tracking_uri, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: models:/no-such-model/1: Registered Model with name=no-such-model not found"
+    assert "Traceback" not in proc.stderr

@@ -247,15 +247,8 @@ def validate(cfg: ProjectConfig) -> None:
     """Range checks that need no data. Data-dependent ones (batch vs dataset size, sequence length) are in pipeline."""
     from mlflow_tunix import data as data_mod
 
-    t, m, g = cfg.train, cfg.model, cfg.generation
-    _check(t.steps >= 1, "train.steps", f"must be at least 1, got {t.steps}")
-    _check(t.batch_size >= 1, "train.batch_size", f"must be at least 1, got {t.batch_size}")
-    _check(t.learning_rate > 0, "train.learning_rate", f"must be positive, got {t.learning_rate}")
-    _check(0 <= t.warmup_steps, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    _check(t.grad_clip > 0, "train.grad_clip", f"must be positive, got {t.grad_clip}")
-    _check(t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}")
-    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = never), got {t.eval_every}")
-    # ModelConfig checks its own shapes (d_model divisible by n_heads, ...) when it is built.
+    m, g = cfg.model, cfg.generation
+    # TrainConfig and ModelConfig check their own values when they are built.
     _check(g.max_new_tokens >= 1, "generation.max_new_tokens", f"must be at least 1, got {g.max_new_tokens}")
     _check(g.max_new_tokens < m.max_seq_len, "generation.max_new_tokens",
            f"{g.max_new_tokens} leaves no room for a prompt in model.max_seq_len={m.max_seq_len}")

@@ -20,9 +20,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 
 from mlflow_tunix import data as data_mod
 from mlflow_tunix.config import DataSource, ProjectConfig, to_dict, to_flat_dict
@@ -137,19 +136,14 @@ def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
                           f"({len(ds.train)} examples); allowed: 1 to {len(ds.train)}")
     if tokenizer is None:
         tokenizer = train_tokenizer((p + c for p, c in zip(prompts, completions)), cfg.tokenizer)
-    train_tok = tokenize_pairs(prompts, completions, tokenizer)
     max_len = cfg.model.max_seq_len
-    if train_tok.tokens.shape[1] > max_len:  # the width is the longest example rounded up to a multiple of 8
-        longest = int(np.nonzero(train_tok.loss_mask)[1].max()) + 1
-        if longest > max_len:
-            raise ConfigError(f"model.max_seq_len: {max_len} is shorter than the longest training example "
-                              f"({longest} tokens); allowed: {longest} or more")
-        train_tok = tokenize_pairs(prompts, completions, tokenizer, seq_len=max_len)
+    train_tok = tokenize_pairs(prompts, completions, tokenizer, max_len=max_len)
     with_completion = [ex for ex in ds.eval if ex.completion is not None]
     eval_tok = None
     if with_completion:
         eval_tok = tokenize_pairs([data_mod.render_prompt(ex.prompt, template) for ex in with_completion],
-                                  [ex.completion for ex in with_completion], tokenizer)
+                                  [ex.completion for ex in with_completion], tokenizer, max_len=max_len,
+                                  what="held-out example")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=len(tokenizer))
     return Prepared(ds, tokenizer, prompts, train_tok, eval_tok, model_cfg)
 
@@ -203,16 +197,23 @@ def _end_run(status: str, exc: BaseException | None = None) -> None:
                 mlflow.set_tag("mlflow_tunix.error", " ".join(str(exc).split())[:5000])
         mlflow.end_run(status)
         return
-    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # one try, it fails at once
+    with _temporary_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"), contextlib.suppress(Exception):  # one try
+        mlflow.end_run(status)  # pops the run off MLflow's stack before it calls the server
+
+
+@contextlib.contextmanager
+def _temporary_env(**values: str):
+    """Set environment variables for the block, then put back what was there."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
-        with contextlib.suppress(Exception):
-            mlflow.end_run(status)  # pops the run off MLflow's stack before it calls the server
+        yield
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-        else:
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -235,6 +236,7 @@ def _run_dir_lock(run_dir: Path, run_id: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
 
 def _system_metrics_available() -> bool:
     try:
@@ -364,17 +366,11 @@ def _resume_target(run_id: str) -> _Resume:
     if run.info.status == "FINISHED":
         raise TunixError(f"{where}: the run FINISHED; there is nothing to resume")
     run_dir = run.data.tags.get(CHECKPOINT_DIR_TAG)
-    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one small file: no progress bar
     try:
-        raw = mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFIG_ARTIFACT}")
+        with _temporary_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # one small file: no progress bar
+            raw = mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFIG_ARTIFACT}")
     except Exception:
         raw = None
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
     if not run_dir or raw is None:
         raise TunixError(f"{where}: the run was not started by `mlflow-tunix run/train` (it has no "
                          f"{CHECKPOINT_DIR_TAG} tag or {CONFIG_ARTIFACT} artifact); it cannot be resumed")
@@ -464,7 +460,6 @@ def _train_and_log(cfg: ProjectConfig, prep: Prepared, run_id: str, experiment_i
     from mlflow.tracking import MlflowClient
 
     from mlflow_tunix import flavor
-    from mlflow_tunix.evaluate import evaluate
     from mlflow_tunix.model import build_model, param_count
     from mlflow_tunix.tracking import MlflowTracker, resend_metrics
     from mlflow_tunix.train import train
@@ -528,19 +523,15 @@ def _train_and_log(cfg: ProjectConfig, prep: Prepared, run_id: str, experiment_i
     metrics, version, stage = {}, None, "evaluating"
     try:
         if evaluate_model:
-            ev = evaluate(result.model, tokenizer, ds.eval, generation, progress=progress)
-            metrics = ev.metrics
-            mlflow.log_table(data=_table(ev.rows), artifact_file=TABLE_FILE)
-            log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n_eval"))
+            metrics = dict(_evaluate_and_log(result.model, tokenizer, ds.eval, generation, TABLE_FILE, progress))
             for name, (examples, source) in ds.extra.items():
                 extra_ds = data_mod.to_mlflow_dataset(examples, name=f"{cfg.name}-{name}", source=source)
                 mlflow.log_input(extra_ds, context=f"evaluation/{name}")
-                extra_ev = evaluate(result.model, tokenizer, examples, generation, progress=progress)
-                per_category = [k for k in extra_ev.metrics if k.startswith("accuracy/")]
-                metrics.update({f"{name}/{k}": v for k, v in extra_ev.metrics.items()
+                extra = _evaluate_and_log(result.model, tokenizer, examples, generation, f"eval/{name}.json",
+                                          progress, label=name)
+                per_category = [k for k in extra if k.startswith("accuracy/")]
+                metrics.update({f"{name}/{k}": v for k, v in extra.items()
                                 if not (len(per_category) == 1 and k in per_category)})  # = answer_accuracy
-                mlflow.log_table(data=_table(extra_ev.rows), artifact_file=f"eval/{name}.json")
-                log(f"eval {name}: answer_accuracy {extra_ev.accuracy:.4f}")
 
         stage = "logging the model"
         if resumed:
@@ -605,13 +596,12 @@ def run_train(cfg: ProjectConfig | None, *, progress: bool = True, resume: str |
     """Data -> tokenizer -> model -> train -> log the model (no generation eval, no registration)."""
     return run_main(cfg, evaluate_model=False, register=False, progress=progress, resume=resume)
 
+
 def run_evaluate(model_uri: str, *, eval_data: str | None = None, progress: bool = True) -> MainResult:
     """Score a logged mlflow_tunix model on a held-out set in a new run (or the run ``mlflow run`` made)."""
     import mlflow
 
     from mlflow_tunix import flavor
-    from mlflow_tunix.config import from_dict
-    from mlflow_tunix.evaluate import evaluate
 
     setup_jax()
     loaded = flavor.load_model(model_uri)
@@ -622,23 +612,31 @@ def run_evaluate(model_uri: str, *, eval_data: str | None = None, progress: bool
         if eval_data:
             examples, source, name = data_mod.read_jsonl(eval_data), eval_data, Path(eval_data).stem
         else:
-            project = _project_from_model(model_uri, from_dict)
+            project = _project_from_model(model_uri)
             ds = build_datasets(project)
             examples, source, name = ds.eval, ds.eval_source, f"{project.name}-eval"
         eval_ds = data_mod.to_mlflow_dataset(examples, name=name, source=source)
         mlflow.log_input(eval_ds, context="evaluation")
-        ev = evaluate(loaded.module, loaded.tokenizer, examples, loaded.generation, progress=progress)
-        mlflow.log_metrics(ev.metrics, dataset=eval_ds)
-        mlflow.log_table(data=_table(ev.rows), artifact_file=TABLE_FILE)
-        log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.metrics.items() if k != "n_eval"))
-        return MainResult(run.info.run_id, run.info.experiment_id, ev.metrics, model_uri, None)
+        metrics = _evaluate_and_log(loaded.module, loaded.tokenizer, examples, loaded.generation, TABLE_FILE, progress)
+        mlflow.log_metrics(metrics, dataset=eval_ds)
+        return MainResult(run.info.run_id, run.info.experiment_id, metrics, model_uri, None)
 
 
 # --------------------------------------------------------------------------- helpers
-def _table(rows: Sequence[dict]):
+def _evaluate_and_log(model, tokenizer, examples, generation, table_file: str, progress: bool,
+                      label: str = "") -> dict:
+    """Generate and score ``examples``, log every item as the table ``table_file``; return the metrics
+    (the caller logs them: with the model's id, the dataset, a prefix)."""
+    import mlflow
     import pandas as pd
 
-    return pd.DataFrame(rows)
+    from mlflow_tunix.evaluate import evaluate
+
+    ev = evaluate(model, tokenizer, examples, generation, progress=progress)
+    mlflow.log_table(data=pd.DataFrame(ev.rows), artifact_file=table_file)
+    log(f"eval{' ' + label if label else ''}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in ev.metrics.items() if k != "n_eval"))
+    return ev.metrics
 
 
 def _jsonable(value):
@@ -647,8 +645,10 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
 
 
-def _project_from_model(model_uri: str, from_dict) -> ProjectConfig:
+def _project_from_model(model_uri: str) -> ProjectConfig:
     from mlflow.models import Model
+
+    from mlflow_tunix.config import from_dict
 
     meta = Model.load(model_uri).metadata or {}
     raw = meta.get("project_config")

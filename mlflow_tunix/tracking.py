@@ -252,7 +252,7 @@ class MlflowTracker(NullTracker):
                 self.client.log_batch(self.run_id, metrics=chunk)
                 return True
             except Exception as exc:
-                reason = _one_line(exc)[:500]
+                reason = one_line(exc)[:500]
         self.lost = self.lost or reason
         return False
 
@@ -295,7 +295,7 @@ class MlflowTracker(NullTracker):
                 self.spill_path.unlink()
                 self.spilled, self.lost = 0, None
             except Exception as exc:
-                self.lost = self.lost or _one_line(exc)[:500]
+                self.lost = self.lost or one_line(exc)[:500]
         if self.spilled:
             print(unsent_message(self.spilled, self.spill_path, self.run_id, self.lost), file=sys.stderr, flush=True)
 
@@ -363,6 +363,7 @@ def resend_metrics(path, run_id: str, *, client=None) -> tuple[int, int]:
     return len(fresh), len(points) - len(fresh)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of text (for messages and tags)."""
     return " ".join(str(exc).split()) or type(exc).__name__
 

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 from mlflow_tunix.errors import ConfigError, TrainingError
-from mlflow_tunix.tracking import NullTracker, Tracker
+from mlflow_tunix.tracking import NullTracker, Tracker, one_line
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,13 @@ class TrainConfig:
     checkpoint_dir: str = ""  # checkpoints go to <checkpoint_dir>/<run id>/ ("" = DEFAULT_CHECKPOINT_DIR)
 
     def __post_init__(self):
-        # What config.validate does not check, checked here so a TrainConfig built in code is checked
-        # too: each of these, out of range, turns the loss into NaN or loses checkpoints.
+        # Checked here, so a TrainConfig built in code is checked too: each of these, out of range,
+        # stops training, turns the loss into NaN or loses checkpoints.
+        for name, lowest, message in (("steps", 1, "must be at least 1"), ("batch_size", 1, "must be at least 1"),
+                                      ("log_every", 1, "must be at least 1"), ("warmup_steps", 0, "must be >= 0"),
+                                      ("eval_every", 0, "must be >= 0 (0 = never)")):
+            if getattr(self, name) < lowest:
+                raise ConfigError(f"train.{name}: {message}, got {getattr(self, name)}")
         for name, lowest, meaning in (("checkpoint_every", 0, " (0 = no checkpoints)"), ("keep_checkpoints", 1, ""),
                                       ("eval_batches", 1, "")):
             value = getattr(self, name)
@@ -89,20 +94,23 @@ class TokenizedData(NamedTuple):
         return int(self.loss_mask.sum())
 
 
-def tokenize_pairs(prompts: Sequence[str], completions: Sequence[str], tokenizer, *, seq_len: int | None = None,
-                   multiple_of: int = 8) -> TokenizedData:
+def tokenize_pairs(prompts: Sequence[str], completions: Sequence[str], tokenizer, *, max_len: int | None = None,
+                   multiple_of: int = 8, what: str = "training example") -> TokenizedData:
     """Tokenize ``prompt + completion + EOS``; only completion and EOS tokens carry loss.
 
-    ``seq_len`` defaults to the longest example, rounded up to a multiple of ``multiple_of``.
+    Rows are padded to the longest example rounded up to a multiple of ``multiple_of``, but never
+    past ``max_len`` (the model's ``max_seq_len``); an example longer than that is a ConfigError.
     """
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     rows = [p + c + [tokenizer.eos_token_id] for p, c in zip(prompt_ids, completion_ids)]
     longest = max((len(r) for r in rows), default=1)
-    if seq_len is None:
-        seq_len = -(-longest // multiple_of) * multiple_of
-    if longest > seq_len:
-        raise ConfigError(f"model.max_seq_len: the longest example has {longest} tokens, more than {seq_len}")
+    seq_len = -(-longest // multiple_of) * multiple_of
+    if max_len is not None:
+        if longest > max_len:
+            raise ConfigError(f"model.max_seq_len: {max_len} is shorter than the longest {what} "
+                              f"({longest} tokens); allowed: {longest} or more")
+        seq_len = min(seq_len, max_len)
     tokens = np.full((len(rows), seq_len), tokenizer.pad_token_id, dtype=np.int32)
     mask = np.zeros((len(rows), seq_len), dtype=np.float32)
     for i, (row, p) in enumerate(zip(rows, prompt_ids)):
@@ -239,7 +247,7 @@ class Checkpoints:
         damaged = self.directory / f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         (self.directory / str(step)).rename(damaged)  # out of Orbax's sight, kept for a post-mortem
         self.manager.reload()
-        _note(f"checkpoint step {step} is unreadable ({_one_line(exc)[:300]}); moved to {damaged}, "
+        _note(f"checkpoint step {step} is unreadable ({one_line(exc)[:300]}); moved to {damaged}, "
               "trying the one before")
 
     def close(self) -> None:
@@ -407,7 +415,7 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
             raise stopped(step, "a parameter", "inf or NaN after the update")
         # The metrics of every step before the checkpoint are stored first (sent, or kept locally):
         # a resumed run recomputes only the steps after it, so nothing before it may be missing.
-        (getattr(tracker, "sync", None) or tracker.flush)()  # (a Tracker written before sync() existed)
+        tracker.sync()
         checkpoints.save(state, {**run_setup, "step": step + 1, "loss": final_loss, "eval_loss": eval_loss})
 
     try:
@@ -448,10 +456,6 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
 
 def _note(message: str) -> None:
     print(f"[mlflow-tunix] {message}", file=sys.stderr, flush=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):

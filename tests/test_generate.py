@@ -1,7 +1,6 @@
 """KV-cache generation: equal to naive re-encoding, stops, sampling, validation, and text."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

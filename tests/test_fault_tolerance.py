@@ -105,17 +105,24 @@ def test_sigkill_mid_training_then_resume_gives_identical_weights(tracking_uri, 
     run_dir = _wait_for(lambda: _run_dir(root), proc)
     _wait_for(lambda: kill_after in _checkpoint_steps(run_dir) or any(s > kill_after for s in _checkpoint_steps(run_dir)), proc)
 
-    # While it is alive, nobody else may resume it (paused meanwhile, so it is still mid-training after).
-    proc.send_signal(signal.SIGSTOP)
-    with pytest.raises(TunixError, match="being trained by another process"):
-        run_main(None, resume=run_dir.name, progress=False)
-    proc.send_signal(signal.SIGCONT)
-
     time.sleep(rng.uniform(0, 0.3))  # somewhere in the next few steps
     proc.kill()
     proc.communicate()
     client = MlflowClient(tracking_uri)
     run_id = run_dir.name
+
+    # While another process trains a run (holds its run-dir lock), nobody else may resume it. (Not
+    # tested by pausing the trainer: a paused process can hold the sqlite store's write lock.)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+                               str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TunixError, match="being trained by another process"):
+            run_main(None, resume=run_id, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody could tell MLflow
     killed_at = max(_checkpoint_steps(run_dir))
     assert killed_at < STEPS, "training ended before the kill: nothing was interrupted"

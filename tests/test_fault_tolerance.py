@@ -371,7 +371,13 @@ def test_tracking_server_lost_mid_training(tmp_path, reference):
     try:
         resent = run_cli(["resend-metrics", spill, "--run-id", run_id], uri, cwd=tmp_path)
         assert resent.returncode == 0, resent.stderr[-2000:]
-        assert resent.stdout.startswith(f"sent {len(unsent)} metric points to run {run_id} (0 were there already)")
+        # A batch the server stored just before it died, but whose reply was lost, is in the spill file
+        # too (seen in CI: 40 of 363 points): resend-metrics skips what the run already has.
+        sent, there = map(int, re.fullmatch(rf"sent (\d+) metric points to run {run_id} \((\d+) were there "
+                                            r"already\)\n", resent.stdout).groups())
+        assert sent > 0 and sent + there == len(unsent)
+        again = run_cli(["resend-metrics", spill, "--run-id", run_id], uri, cwd=tmp_path)
+        assert again.stdout == f"sent 0 metric points to run {run_id} ({len(unsent)} were there already)\n"
         done = run_cli(["run", "--resume", run_id, "--no-progress"], uri, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         client = MlflowClient(uri, registry_uri=uri)

@@ -13,9 +13,15 @@ import sys
 
 import click
 
-from mlflow_tunix.errors import TunixError
+from mlflow_tunix import projects
+from mlflow_tunix.errors import ResumableError, TunixError
 
 EXIT_BAD_INPUT = 2
+
+
+def _resume_command(run_id: str) -> str:
+    """How to continue run ``run_id`` with the command being run (run or train)."""
+    return f"mlflow-tunix {click.get_current_context().info_name} --resume {run_id}"
 
 
 def _one_line_errors(fn):
@@ -27,6 +33,8 @@ def _one_line_errors(fn):
             return fn(*args, **kwargs)
         except TunixError as exc:
             message = " ".join(str(exc).split())
+            if isinstance(exc, ResumableError):
+                message += f". {exc.then} continue with: {_resume_command(exc.run_id)}{exc.note}"
             click.echo(f"error: {message}", err=True)
             sys.exit(EXIT_BAD_INPUT)
 
@@ -70,7 +78,7 @@ def main():
 def _project_options(fn):
     options = [
         click.option("--config", "config", default="addition", show_default=True,
-                     help="A project under projects/ (addition, addition-direct, golden-v2, high-card, dev-reasoning) "
+                     help=f"A shipped project ({', '.join(projects.names())}; see `mlflow-tunix projects`) "
                           "or a path to a config.yaml."),
         click.option("--train-data", type=str, default="", help="JSONL file that replaces the project's training data; "
                      "without --eval-data a seeded 90/10 split holds out the eval set."),
@@ -145,9 +153,10 @@ def _train_command(fn_name, resume, no_progress, options):
             getattr(pipeline, fn_name)(None, progress=not no_progress, resume=resume)
         else:
             getattr(pipeline, fn_name)(_load(**options), progress=not no_progress)
-    except KeyboardInterrupt as exc:  # in training, the pipeline has said where it stopped and how to continue
-        if not hasattr(exc, "step"):
-            click.echo("interrupted", err=True)
+    except KeyboardInterrupt as exc:  # in training: checkpointed at a step boundary (train.TrainingInterrupted)
+        run_id = getattr(exc, "run_id", None)
+        where = f"{exc or 'interrupted'}" + (f". Continue with: {_resume_command(run_id)}" if run_id else "")
+        click.echo(f"[mlflow-tunix] {where}", err=True)
         sys.exit(128 + getattr(exc, "signum", 2))
 
 
@@ -217,6 +226,20 @@ def evaluate(model_uri, eval_data, no_progress):
     run_evaluate(model_uri, eval_data=_opt(eval_data), progress=not no_progress)
 
 
+@main.command("projects")
+def list_projects():
+    """List the projects that ship with mlflow-tunix, with what each one trains.
+
+    Run one with `mlflow-tunix run --config NAME` (or `mlflow run . -P config=NAME`); copy its
+    config.yaml to start your own (`--config path/to/config.yaml`).
+    """
+    names = projects.names()
+    width = max(map(len, names))
+    for name in names:
+        click.echo(f"{name:<{width}}  {projects.description(name)}")
+    click.echo(f"\n(config files in {projects.directory()})")
+
+
 # --------------------------------------------------------------------------- data
 @main.group()
 def data():
@@ -227,7 +250,8 @@ def data():
 @click.argument("name")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Number of examples (generator default if omitted).")
-@click.option("--seed", type=int, default=None, help="Random seed: same seed, same file (default 0; 42 for golden-v2, tunix-rt's).")
+@click.option("--seed", type=int, default=None, help="Random seed: same seed, same file (default: the generator's own; "
+              "42 for golden-v2, which gives tunix-rt's set).")
 @click.option("--no-trace", is_flag=True, help="Direct answers: empty <reasoning> (addition only).")
 @click.option("--digits", type=(int, int), default=None, help="Operand length range LO HI (addition only), e.g. --digits 1 4.")
 @_one_line_errors
@@ -238,15 +262,14 @@ def data_generate(name, out, n, seed, no_trace, digits):
     (tunix-rt's 100-item golden set), high-card (a card duel where the answer needs the reasoning).
     """
     from mlflow_tunix import data as data_mod
+    from mlflow_tunix import generators
 
-    if seed is None:
-        seed = 42 if name == "golden-v2" else 0
     options = {}
     if no_trace:
         options["trace"] = False
     if digits:
         options["digits"] = tuple(digits)
-    records = data_mod.generate(name, n=n, seed=seed, **options)
+    records = generators.generate(name, n=n, seed=seed, **options)
     data_mod.write_jsonl(records, out)
     click.echo(f"wrote {len(records)} examples to {out}")
 

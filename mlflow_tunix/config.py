@@ -1,4 +1,4 @@
-"""Project configs: one YAML file per experiment under ``projects/<name>/config.yaml``.
+"""Project configs: one YAML file per experiment, ``projects/<name>/config.yaml`` (shipped as package data).
 
 A project names its data (files or seeded generators), tokenizer, model, training and generation
 settings. Each section maps onto the config dataclass of the stage that owns it (``ModelConfig`` in
@@ -10,26 +10,28 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from mlflow_tunix import generators
+from mlflow_tunix.data import check_template
 from mlflow_tunix.errors import ConfigError
 from mlflow_tunix.generate import GenerationConfig
 from mlflow_tunix.model import ModelConfig
 from mlflow_tunix.tokenizer import TokenizerConfig
 from mlflow_tunix.train import TrainConfig
 
-PROJECTS_DIR = Path(__file__).resolve().parent.parent / "projects"
-CONFIG_FILE = "config.yaml"
+from mlflow_tunix import projects
+
+CONFIG_FILE = projects.CONFIG_FILE
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """One part of a dataset: a JSONL file, or a seeded generator (``mlflow_tunix.data.GENERATORS``)."""
+    """One part of a dataset: a JSONL file, or a seeded generator (``mlflow_tunix.generators.GENERATORS``)."""
 
     path: str | None = None
     generator: str | None = None
@@ -53,7 +55,22 @@ class DataConfig:
     extra_eval: Mapping[str, tuple[DataSource, ...]] = field(default_factory=dict)
     eval_fraction: float = 0.1
     split_seed: int = 0
-    template: str = "plain"  # prompt template: plain | gemma
+    template: str = "plain"  # prompt template (plain | gemma); the generation config follows it
+
+    def __post_init__(self):
+        check_template(self.template, "data.template")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction: must be between 0 and 1, got {self.eval_fraction}")
+        named = [("train", self.train), ("eval", self.eval)]
+        named += [(f"extra_eval.{name}", sources) for name, sources in self.extra_eval.items()]
+        for part, sources in named:
+            for i, src in enumerate(sources):
+                key = f"data.{part}[{i}]"
+                if bool(src.path) == bool(src.generator):
+                    raise ConfigError(f"{key}: give exactly one of path or generator")
+                if src.generator and src.generator not in generators.GENERATORS:
+                    raise ConfigError(f"{key}.generator: {src.generator!r} is not one of "
+                                      f"{', '.join(generators.GENERATORS)}")
 
 
 @dataclass(frozen=True)
@@ -68,9 +85,25 @@ class ProjectConfig:
     registered_model_name: str | None = None  # default: tunix-<name>
     base_dir: str = "."  # where relative data paths are resolved (the config file's folder)
 
+    def __post_init__(self):
+        # One prompt template for training and generation. Set either key (data.template is the
+        # documented one) and the other follows; two different non-default values contradict.
+        data_t, gen_t, default = self.data.template, self.generation.prompt_template, DataConfig.template
+        if data_t != gen_t:
+            if data_t != default and gen_t != default:
+                raise _template_conflict(data_t, gen_t)
+            template = gen_t if data_t == default else data_t
+            object.__setattr__(self, "data", dataclasses.replace(self.data, template=template))
+            object.__setattr__(self, "generation", dataclasses.replace(self.generation, prompt_template=template))
+
     @property
     def model_name(self) -> str:
         return self.registered_model_name or f"tunix-{self.name}"
+
+
+def _template_conflict(data_template, generation_template) -> ConfigError:
+    return ConfigError(f"data.template ({data_template!r}) and generation.prompt_template ({generation_template!r}) "
+                       "disagree; set data.template only (generation follows it)")
 
 
 # --------------------------------------------------------------------------- strict conversion
@@ -184,17 +217,17 @@ def to_dict(obj) -> dict:
 
 # --------------------------------------------------------------------------- loading
 def project_names() -> list[str]:
-    return sorted(p.parent.name for p in PROJECTS_DIR.glob(f"*/{CONFIG_FILE}"))
+    return projects.names()
 
 
 def resolve_path(config: str) -> Path:
-    """``addition`` -> projects/addition/config.yaml; a path to a YAML file or a project folder as given."""
+    """``addition`` -> the shipped project's config.yaml; a path to a YAML file or a project folder as given."""
     candidate = Path(config)
     if candidate.is_dir():
         candidate = candidate / CONFIG_FILE
     if candidate.is_file():
         return candidate
-    named = PROJECTS_DIR / config / CONFIG_FILE
+    named = projects.directory() / config / CONFIG_FILE
     if named.is_file():
         return named
     raise ConfigError(f"config: no project named {config!r} and no such file; projects: {', '.join(project_names())}")
@@ -223,6 +256,10 @@ def load_project(config: str, overrides: Mapping[str, Any] | None = None, *, tra
                 raise ConfigError(f"{dotted}: {part} is not a section")
         node[leaf] = value
     raw["base_dir"] = str(path.parent.resolve())
+    data_t = raw.get("data", {}).get("template") if isinstance(raw.get("data"), dict) else None
+    gen_t = raw.get("generation", {}).get("prompt_template") if isinstance(raw.get("generation"), dict) else None
+    if data_t is not None and gen_t is not None and data_t != gen_t:
+        raise _template_conflict(data_t, gen_t)
     cfg = with_data_files(from_dict(ProjectConfig, raw), train_data, eval_data)
     validate(cfg)
     return cfg
@@ -238,33 +275,13 @@ def with_data_files(cfg: ProjectConfig, train_data: str | None, eval_data: str |
     return dataclasses.replace(cfg, data=data)
 
 
-def _check(ok: bool, key: str, message: str):
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
 def validate(cfg: ProjectConfig) -> None:
-    """Range checks that need no data. Data-dependent ones (batch vs dataset size, sequence length) are in pipeline."""
-    from mlflow_tunix import data as data_mod
-
-    m, g = cfg.model, cfg.generation
-    # TrainConfig and ModelConfig check their own values when they are built.
-    _check(g.max_new_tokens >= 1, "generation.max_new_tokens", f"must be at least 1, got {g.max_new_tokens}")
-    _check(g.max_new_tokens < m.max_seq_len, "generation.max_new_tokens",
-           f"{g.max_new_tokens} leaves no room for a prompt in model.max_seq_len={m.max_seq_len}")
-    _check(math.isfinite(g.temperature) and g.temperature >= 0, "generation.temperature",
-           f"must be >= 0, got {g.temperature}")
-    _check(g.top_k >= 0, "generation.top_k", f"must be >= 0, got {g.top_k}")
-    _check(cfg.data.template in data_mod.TEMPLATES, "data.template",
-           f"{cfg.data.template!r} is not one of {', '.join(data_mod.TEMPLATES)}")
-    _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", f"must be between 0 and 1, got {cfg.data.eval_fraction}")
-    _check(len(cfg.data.train) >= 1, "data.train", "no training data: give a file (train_data) or a generator")
-    named = [("train", cfg.data.train), ("eval", cfg.data.eval)]
-    named += [(f"extra_eval.{name}", sources) for name, sources in cfg.data.extra_eval.items()]
-    for part, sources in named:
-        for i, src in enumerate(sources):
-            key = f"data.{part}[{i}]"
-            _check(bool(src.path) != bool(src.generator), key, "give exactly one of path or generator")
-            if src.generator:
-                _check(src.generator in data_mod.GENERATORS, f"{key}.generator",
-                       f"{src.generator!r} is not one of {', '.join(data_mod.GENERATORS)}")
+    """What spans two stages, or needs the data files in place (given on the command line after the
+    project is built). Each config checks its own values when built (``__post_init__``); what needs
+    the data itself (batch vs dataset size, sequence length) is checked by ``pipeline.prepare``."""
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training data: give a file (train_data) or a generator")
+    g, m = cfg.generation, cfg.model
+    if g.max_new_tokens >= m.max_seq_len:
+        raise ConfigError(f"generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in "
+                          f"model.max_seq_len={m.max_seq_len}")

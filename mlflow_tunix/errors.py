@@ -35,3 +35,15 @@ class InputError(TunixError):
 
 class TrainingError(TunixError):
     """Training cannot go on (for example: the loss became NaN)."""
+
+
+class ResumableError(TunixError):
+    """The job stopped, but run ``run_id`` can be continued with ``--resume`` (its checkpoints are kept).
+
+    ``then`` says when to continue ("Fix it, then", "When the server is back,"); the CLI adds the
+    command to the message, since only it knows its own name.
+    """
+
+    def __init__(self, message: str, run_id: str, then: str = "Fix it, then", note: str = ""):
+        self.run_id, self.then, self.note = run_id, then, note
+        super().__init__(message)

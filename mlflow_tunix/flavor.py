@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -72,9 +71,9 @@ from mlflow.utils.file_utils import get_total_file_size, write_to
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path, _validate_and_copy_code_paths
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-from mlflow_tunix.data import TEMPLATES, parse_answer, parse_reasoning, render_prompt
+from mlflow_tunix.data import parse_answer, parse_reasoning, render_prompt
 from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
-from mlflow_tunix.generate import GenerationConfig, generate_text
+from mlflow_tunix.generate import GenerationConfig, generate_text, request_error
 from mlflow_tunix.model import ModelConfig, Transformer, build_model, flat_params, param_count
 from mlflow_tunix.tokenizer import load_tokenizer
 
@@ -185,38 +184,28 @@ def _as_int(name: str, value) -> int:
 
 
 def _generation_with(base: GenerationConfig, overrides: dict, max_seq_len: int) -> GenerationConfig:
-    """``base`` with ``overrides`` applied, every value checked (InputError names the bad one)."""
+    """``base`` with ``overrides`` applied: JSON values coerced here, checked by GenerationConfig
+    itself, and max_new_tokens against this model's context (InputError names the bad one)."""
     known = {f.name for f in dataclasses.fields(GenerationConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise InputError(f"unknown generation option {unknown[0]!r} (known: {', '.join(sorted(known))})")
     values = {**dataclasses.asdict(base), **{k: v for k, v in overrides.items() if v is not None}}
-
     for name in ("max_new_tokens", "top_k", "seed", "batch_size"):
         values[name] = _as_int(name, values[name])
     temperature = values["temperature"]
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.number)):
         raise InputError(f"temperature must be a number, got {temperature!r}")
     values["temperature"] = float(temperature)
-
     if not 1 <= values["max_new_tokens"] < max_seq_len:
         raise InputError(
             f"max_new_tokens must be between 1 and {max_seq_len - 1} (the model's context is "
             f"{max_seq_len} tokens, prompt included), got {values['max_new_tokens']}"
         )
-    if not math.isfinite(values["temperature"]) or values["temperature"] < 0:
-        raise InputError(f"temperature must be >= 0 (0 = greedy), got {values['temperature']!r}")
-    if values["top_k"] < 0:
-        raise InputError(f"top_k must be >= 0 (0 = no top-k filter), got {values['top_k']}")
-    if not 0 <= values["seed"] < 2**32:  # the sampler keys on an unsigned 32-bit seed
-        raise InputError(f"seed must be between 0 and {2**32 - 1}, got {values['seed']}")
-    if values["batch_size"] < 1:
-        raise InputError(f"batch_size must be at least 1, got {values['batch_size']}")
-    if values["prompt_template"] not in TEMPLATES:
-        raise InputError(
-            f"unknown prompt_template {values['prompt_template']!r} (allowed: {', '.join(TEMPLATES)})"
-        )
-    return GenerationConfig(**values)
+    try:
+        return GenerationConfig(**values)
+    except ConfigError as exc:
+        raise request_error(exc) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ token. Shapes are bucketed so the compiled function is reused across batches and
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,7 +18,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from mlflow_tunix.errors import InputError
+from mlflow_tunix.data import check_template
+from mlflow_tunix.errors import ConfigError, InputError
 
 # Prompt lengths are rounded up to a multiple of this, so that prompts of similar length share
 # one compiled function.
@@ -32,6 +34,28 @@ class GenerationConfig:
     seed: int = 0
     batch_size: int = 64
     prompt_template: str = "plain"  # applied by callers with mlflow_tunix.data.render_prompt
+
+    def __post_init__(self):
+        # The one place these values are checked: project configs, saved models and served
+        # requests all build a GenerationConfig. (Whether max_new_tokens leaves room for a prompt
+        # depends on the model: config.validate and the flavor check that.)
+        for name in ("max_new_tokens", "top_k", "seed", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"generation.{name}: must be an integer, got {value!r}")
+        t = self.temperature
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, float, np.number)):
+            raise ConfigError(f"generation.temperature: must be a number, got {t!r}")
+        for name, ok, allowed in (
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("temperature", math.isfinite(t) and t >= 0, ">= 0 (0 = greedy)"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 = no top-k filter)"),
+            ("seed", 0 <= self.seed < 2**32, f"between 0 and {2**32 - 1} (the sampler keys on 32 bits)"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+        ):
+            if not ok:
+                raise ConfigError(f"generation.{name}: must be {allowed}, got {getattr(self, name)!r}")
+        check_template(self.prompt_template, "generation.prompt_template")
 
 
 def generate_ids(
@@ -113,15 +137,17 @@ def _cut_after_stop(ids: list[int], stop: tuple[int, ...]) -> list[int]:
     return ids
 
 
+def request_error(exc: ConfigError) -> InputError:
+    """A GenerationConfig error as a request error: "generation.top_k: must be ..." -> "top_k must be ..."."""
+    key, _, problem = str(exc).removeprefix("generation.").partition(": ")
+    return InputError(f"{key} {problem}")
+
+
 def _check_request(prompts, config, max_new_tokens, pad_id, stop_ids, temperature, top_k, batch_size):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k < 0:
-        raise InputError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k!r}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size!r}")
+    try:  # (any Python int is a valid seed here: it is taken modulo 2**32)
+        GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, batch_size=batch_size)
+    except ConfigError as exc:
+        raise request_error(exc) from None
     vocab = config.vocab_size
     for name, token in [("pad_id", pad_id)] + [("stop id", s) for s in stop_ids]:
         if not 0 <= token < vocab:

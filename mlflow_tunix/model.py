@@ -13,6 +13,7 @@ the pure form::
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -259,3 +260,12 @@ def flat_params(model: Transformer) -> dict[str, np.ndarray]:
 def param_count(model: Transformer) -> int:
     state = nnx.state(model, nnx.Param)
     return sum(int(np.prod(var.shape)) for _, var in nnx.to_flat_state(state))
+
+
+def params_sha256(model: Transformer) -> str:
+    """Content address of the weights: sha256 over names, shapes, dtypes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, array in sorted(flat_params(model).items()):
+        h.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()

@@ -30,15 +30,18 @@ BYTE_ALPHABET = 256
 class TokenizerConfig:
     vocab_size: int = 512  # includes the 256 byte symbols and the special tokens
 
+    def __post_init__(self):
+        minimum = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < minimum:
+            raise ConfigError(f"tokenizer.vocab_size: {self.vocab_size!r} is too small; "
+                              f"byte-level BPE needs at least {minimum}")
+
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig = TokenizerConfig()):
     """Train a byte-level BPE on ``texts`` and return it as a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    minimum = BYTE_ALPHABET + len(SPECIAL_TOKENS)
-    if config.vocab_size < minimum:
-        raise ConfigError(f"tokenizer.vocab_size: {config.vocab_size} is too small; byte-level BPE needs at least {minimum}")
     tok = Tokenizer(models.BPE())
     # Digits first, one per pre-token, so no merge can ever join two digits (or a digit and a space).
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -68,7 +71,3 @@ def load_tokenizer(path):
 
     return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` with no BOS/EOS added (templates and EOS are the caller's business)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]

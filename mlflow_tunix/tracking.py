@@ -181,7 +181,7 @@ class MlflowTracker(NullTracker):
             if not server_reachable(self.client.tracking_uri):
                 return None
             try:
-                self._logged[name] = {m.step for m in self.client.get_metric_history(self.run_id, name)}
+                self._logged[name] = logged_steps(self.client, self.run_id, name)
             except Exception:
                 return None
         return self._logged[name]
@@ -354,13 +354,18 @@ def resend_metrics(path, run_id: str, *, client=None) -> tuple[int, int]:
     fresh = []
     for m in points:
         if m.key not in have:
-            have[m.key] = {h.step for h in client.get_metric_history(run_id, m.key)}
+            have[m.key] = logged_steps(client, run_id, m.key)
         if m.step not in have[m.key]:
             have[m.key].add(m.step)
             fresh.append(m)
     for i in range(0, len(fresh), MlflowTracker.MAX_BATCH):
         client.log_batch(run_id, metrics=fresh[i : i + MlflowTracker.MAX_BATCH])
     return len(fresh), len(points) - len(fresh)
+
+
+def logged_steps(client, run_id: str, key: str) -> set[int]:
+    """The steps at which run ``run_id`` already has a point of metric ``key``."""
+    return {m.step for m in client.get_metric_history(run_id, key)}
 
 
 def one_line(exc: BaseException) -> str:

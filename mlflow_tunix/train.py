@@ -5,7 +5,8 @@ pytree ``TrainState`` (step, params, optimizer state), so it can later be sharde
 ``jax.sharding.Mesh`` or wrapped by a sweep without change. The loop around it is plain: sample a
 batch, step, every ``log_every`` steps pull the figures to the host and hand them to the tracker
 (``mlflow_tunix.tracking``), every ``eval_every`` steps measure the held-out loss, every
-``checkpoint_every`` steps save an Orbax checkpoint (:class:`Checkpoints`).
+``checkpoint_every`` steps save an Orbax checkpoint (``checkpoint.py``). The loop's running figures
+live in one small object (:class:`_Loop`).
 
 A run can be resumed from its newest checkpoint to the very same weights: the batches are a
 function of (seed, step) alone, the state is saved bit for bit, and the step is the same program.
@@ -13,15 +14,12 @@ function of (seed, step) alone, the state is saved bit for bit, and the step is 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
+import json
 import math
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -30,8 +28,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mlflow_tunix.checkpoint import Checkpoints, StopOnSignal, TrainingInterrupted, arrays_digest, state_signature
 from mlflow_tunix.errors import ConfigError, TrainingError
-from mlflow_tunix.tracking import NullTracker, Tracker, one_line
+from mlflow_tunix.tracking import NullTracker, Tracker
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100  # an Orbax checkpoint every N steps and at the last one (0 = none)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept, older ones deleted
-    checkpoint_dir: str = ""  # checkpoints go to <checkpoint_dir>/<run id>/ ("" = DEFAULT_CHECKPOINT_DIR)
+    checkpoint_dir: str = ""  # runs keep their checkpoints in <checkpoint_dir>/<run id>/ ("": see resume.checkpoint_root)
 
     def __post_init__(self):
         # Checked here, so a TrainConfig built in code is checked too: each of these, out of range,
@@ -77,9 +76,6 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise ConfigError(f"train.{name}: must be {allowed}, got {value!r}")
-
-
-DEFAULT_CHECKPOINT_DIR = "~/.cache/mlflow-tunix/checkpoints"
 
 
 # --------------------------------------------------------------------------- tokenized data
@@ -119,13 +115,19 @@ def tokenize_pairs(prompts: Sequence[str], completions: Sequence[str], tokenizer
     return TokenizedData(tokens, mask)
 
 
+def check_batch_size(batch_size: int, n_examples: int) -> None:
+    """A batch must fit in the training set (the pipeline asks before any run starts, the sampler again)."""
+    if batch_size > n_examples:
+        raise ConfigError(f"train.batch_size: {batch_size} is larger than the training set "
+                          f"({n_examples} examples); allowed: 1 to {n_examples}")
+
+
 class BatchSampler:
     """Seeded epochs of shuffled indices. The order is a function of (seed, step) alone, so a resumed
     run sees exactly the batches the uninterrupted one would have seen."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
-        if batch_size > n:
-            raise ConfigError(f"train.batch_size: {batch_size} is larger than the training set ({n} examples)")
+        check_batch_size(batch_size, n)
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.per_epoch = n // batch_size
 
@@ -178,145 +180,27 @@ def init_state(model, tx) -> tuple[Any, TrainState]:
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
-# --------------------------------------------------------------------------- checkpoints
-class Checkpoints:
-    """Orbax checkpoints of a :class:`TrainState` in ``directory/<step>/``, the newest ``keep`` kept.
-
-    Each holds the whole state (step, params, optimizer state) and a JSON ``info`` dict: the step,
-    the last loss, and what the run was (the TrainConfig fields the weights depend on, among them
-    the seed that fixes the batch order; the state's shapes; a digest of the training tokens), so
-    a checkpoint is never resumed into another run. There is no other RNG state: nothing in the
-    step draws random numbers. Orbax writes each one into a temporary directory and renames it
-    when complete, so a crash mid-save leaves the previous checkpoint as the newest.
-    """
-
-    def __init__(self, directory, keep: int):
-        import logging
-
-        import orbax.checkpoint as ocp
-
-        absl_logger = logging.getLogger("absl")
-        if absl_logger.level == logging.NOTSET:
-            # Orbax warns through absl about the leftovers of a killed save, which it then cleans up.
-            absl_logger.setLevel(logging.ERROR)
-        self._ocp = ocp
-        self.directory = Path(directory).expanduser().absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-            cleanup_tmp_directories=True,  # half-written saves of a killed process
-            create=True,
-        ))
-
-    def steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
-
-    def save(self, state: TrainState, info: dict) -> None:
-        # A host copy: the next step donates (reuses) the state's buffers while Orbax writes in the background.
-        host = jax.tree.map(lambda x: np.array(x, copy=True), state)
-        self.manager.save(info["step"], force=True, args=self._ocp.args.Composite(
-            state=self._ocp.args.StandardSave(host), info=self._ocp.args.JsonSave(info)))
-
-    def restore(self, like: TrainState, expected: dict) -> tuple[TrainState, dict] | None:
-        """The newest readable checkpoint as (state, info), or None when there is none.
-
-        A checkpoint of another run (``info`` differs from ``expected``) is refused with
-        :class:`TrainingError`. A damaged one (a disk that filled up, a file cut short) is moved
-        aside to ``damaged-<step>`` and the one before it is tried.
-        """
-        ocp = self._ocp
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        for step in reversed(self.steps()):
-            try:
-                info = dict(self.manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore())).info)
-            except Exception as exc:  # Orbax/TensorStore raise many types for a damaged file
-                self._set_aside(step, exc)
-                continue
-            for key, value in expected.items():
-                if info.get(key) != value:
-                    raise TrainingError(f"{self.directory / str(step)}: written by a run with {key}={info.get(key)!r}, "
-                                        f"this one has {value!r}; it cannot be resumed")
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-            except Exception as exc:
-                self._set_aside(step, exc)
-                continue
-            return restored.state, info
-        return None
-
-    def _set_aside(self, step: int, exc: BaseException) -> None:
-        damaged = self.directory / f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        (self.directory / str(step)).rename(damaged)  # out of Orbax's sight, kept for a post-mortem
-        self.manager.reload()
-        _note(f"checkpoint step {step} is unreadable ({one_line(exc)[:300]}); moved to {damaged}, "
-              "trying the one before")
-
-    def close(self) -> None:
-        """Wait for the save in flight (so the newest checkpoint is complete), then release Orbax's threads."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+# --------------------------------------------------------------------------- what a checkpoint must match
+# The TrainConfig fields that do not change the weights: how often to log, evaluate and
+# checkpoint, and where. Every other field must match for a checkpoint to be resumed, so a new
+# hyperparameter is covered without anyone having to remember it.
+NOT_IN_WEIGHTS = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "checkpoint_dir")
 
 
-# The TrainConfig fields the weights depend on (not: logging, eval and checkpoint cadence).
-WEIGHT_FIELDS = ("steps", "batch_size", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "b1", "b2",
-                 "grad_clip", "seed")
-
-
-def state_signature(state) -> str:
-    """sha256 of every leaf's path, shape and dtype: the model and optimizer a checkpoint fits."""
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    text = ";".join(f"{jax.tree_util.keystr(path)}:{tuple(x.shape)}:{x.dtype}" for path, x in leaves)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def data_digest(data: TokenizedData) -> str:
-    """sha256 of the token arrays: a resumed run must see the very same examples."""
-    h = hashlib.sha256()
-    for array in (data.tokens, data.loss_mask):
-        h.update(f"{array.dtype}{array.shape};".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()
+def resume_key(config: TrainConfig, model_config, state, data: TokenizedData) -> dict:
+    """Everything a checkpoint must agree on to be resumed into this run (JSON-ready): the
+    TrainConfig fields the weights depend on (the seed fixes the batch order), the whole model
+    config, the state's shapes and the training tokens."""
+    key = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in NOT_IN_WEIGHTS}
+    key["model"] = json.loads(json.dumps(dataclasses.asdict(model_config)))  # tuples as JSON lists, like the saved info
+    key["state"] = state_signature(state)
+    key["data_sha256"] = arrays_digest(data.tokens, data.loss_mask)
+    return key
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGTERM or Ctrl-C stopped training at a step boundary, after checkpointing that step."""
-
-    def __init__(self, step: int, signum: int, checkpoint: str | None):
-        self.step, self.signum, self.checkpoint = step, signum, checkpoint
-        name = signal.Signals(signum).name
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (train.checkpoint_every is 0)"
-        super().__init__(f"{name}: training stopped after step {step}; {where}")
-
-
-class _StopOnSignal:
-    """While training, a first SIGTERM (a preempted machine) or Ctrl-C asks the loop to stop at the
-    next step boundary, checkpointed; a second Ctrl-C stops at once. Main thread only (Python
-    delivers signals there); elsewhere the default behaviour stays."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self):
-        self.signum = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        return False
 
 
 # --------------------------------------------------------------------------- the loop
@@ -342,120 +226,135 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     no checkpoint is ever written from such a state. SIGTERM/Ctrl-C raise :class:`TrainingInterrupted`
     after checkpointing the current step.
     """
-    tracker = tracker or NullTracker()
     tx, schedule = make_optimizer(config)
     graphdef, state = init_state(model, tx)
     step_fn = jax.jit(functools.partial(train_step, graphdef, tx), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(completion_loss, graphdef))
     sampler = BatchSampler(len(data.tokens), config.batch_size, config.seed)
-
-    checkpoints = None
-    first_step, final_loss, eval_loss = 0, float("nan"), None
+    loop = _Loop(config, tracker or NullTracker(), schedule, jax.jit(functools.partial(completion_loss, graphdef)),
+                 eval_data, state)
     if checkpoint_dir is not None and config.checkpoint_every:
-        checkpoints = Checkpoints(checkpoint_dir, config.keep_checkpoints)
-        # What a checkpoint must agree on to be resumed here; the batch order follows from seed and step.
-        run_setup = {**{name: getattr(config, name) for name in WEIGHT_FIELDS},
-                     "state": state_signature(state), "data_sha256": data_digest(data)}
-        if resume:
-            try:
-                restored = checkpoints.restore(state, run_setup)
-            except BaseException:
-                checkpoints.close()
-                raise
-            if restored is not None:
-                state, info = restored
-                first_step, final_loss, eval_loss = int(info["step"]), float(info["loss"]), info.get("eval_loss")
-        elif checkpoints.steps():
-            checkpoints.close()
-            raise ConfigError(f"train.checkpoint_dir: {checkpoints.directory} already holds checkpoints "
-                              f"(steps {checkpoints.steps()}); resume them or give an empty directory")
+        loop.open_checkpoints(checkpoint_dir, resume_key(config, model.config, state, data), resume)
 
-    def held_out_loss(params) -> float | None:
-        if eval_data is None or len(eval_data.tokens) == 0:
-            return None
-        b = min(config.batch_size, len(eval_data.tokens))
-        losses = [eval_fn(params, eval_data.tokens[i : i + b], eval_data.loss_mask[i : i + b])
-                  for i in range(0, min(len(eval_data.tokens), b * config.eval_batches) - b + 1, b)]
-        return float(np.mean(jax.device_get(losses)))
-
-    def stopped(step: int, what: str, value) -> TrainingError:
-        kept = (f"; the last good checkpoint (step {checkpoints.steps()[-1]}) is kept in {checkpoints.directory}"
-                if checkpoints is not None and checkpoints.steps() else "")
-        return TrainingError(f"step {step}: {what} is {value}; training stopped{kept}. "
-                             f"Lower train.learning_rate (now {config.learning_rate})")
-
-    bar = _progress(config.steps, progress, initial=first_step)
-    pending: list[tuple[int, dict]] = []
-    window_tokens, window_start, total_tokens = 0, time.perf_counter(), 0
-    start, tokens_per_sec = time.perf_counter(), 0.0
-
-    def log_window(step: int) -> None:
-        """Pull the window's figures to the host (the one sync per window), check them, log them."""
-        nonlocal pending, window_tokens, window_start, tokens_per_sec, final_loss
-        fetched = jax.device_get([m for _, m in pending])
-        tokens_per_sec = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-        for (s, _), m in zip(pending, fetched):
-            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-            if not np.isfinite(loss):
-                raise stopped(s, "the loss", loss)
-            if not np.isfinite(grad_norm):
-                raise stopped(s, "the gradient norm", grad_norm)
-            tracker.log_scalar("loss", loss, s)
-            tracker.log_scalar("grad_norm", grad_norm, s)
-            tracker.log_scalar("learning_rate", float(schedule(s)), s)
-        final_loss = float(fetched[-1]["loss"])
-        tracker.log_scalar("tokens_per_sec", tokens_per_sec, step)
-        bar.set_postfix(loss=f"{final_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
-        pending, window_tokens, window_start = [], 0, time.perf_counter()
-
-    def checkpoint(step: int) -> None:
-        # Only a finite state is ever saved: the window up to this step was checked by log_window,
-        # the parameters it produced are checked here.
-        if not bool(_all_finite(state.params)):
-            raise stopped(step, "a parameter", "inf or NaN after the update")
-        # The metrics of every step before the checkpoint are stored first (sent, or kept locally):
-        # a resumed run recomputes only the steps after it, so nothing before it may be missing.
-        tracker.sync()
-        checkpoints.save(state, {**run_setup, "step": step + 1, "loss": final_loss, "eval_loss": eval_loss})
-
+    bar = _progress(config.steps, progress, initial=loop.first_step)
+    start = time.perf_counter()
     try:
-        with _StopOnSignal() as stop:
-            for step in range(first_step, config.steps):
+        with StopOnSignal() as stop:
+            for step in range(loop.first_step, config.steps):
                 idx = sampler.indices(step)
                 batch = {"tokens": data.tokens[idx], "loss_mask": data.loss_mask[idx]}
-                state, metrics = step_fn(state, batch)
-                pending.append((step, metrics))
-                n_tokens = batch["tokens"].size  # positions processed (B x L), the usual throughput unit
-                window_tokens += n_tokens
-                total_tokens += n_tokens
-                last = step == config.steps - 1
-                save = checkpoints is not None and ((step + 1) % config.checkpoint_every == 0 or last)
-                interrupted = stop.signum is not None
-                if (step + 1) % config.log_every == 0 or last or save or interrupted:
-                    log_window(step)
-                if (config.eval_every and (step + 1) % config.eval_every == 0) or last:
-                    eval_loss = held_out_loss(state.params)
-                    if eval_loss is not None:
-                        tracker.log_scalar("eval_loss", eval_loss, step)
-                if save or (interrupted and checkpoints is not None):
-                    checkpoint(step)
+                loop.state, metrics = step_fn(loop.state, batch)
+                loop.after_step(step, metrics, batch["tokens"].size, interrupted=stop.signum is not None)
                 bar.update(1)
-                if interrupted:
-                    where = str(checkpoints.directory / str(step + 1)) if checkpoints is not None else None
-                    raise TrainingInterrupted(step + 1, stop.signum, where)
+                bar.set_postfix(loss=f"{loop.final_loss:.4f}", tok_s=f"{loop.tokens_per_sec:,.0f}", refresh=False)
+                if stop.signum is not None:
+                    raise TrainingInterrupted(step + 1, stop.signum, loop.checkpoint_path(step + 1))
     finally:
         bar.close()
-        tracker.flush()
-        if checkpoints is not None:
-            checkpoints.close()  # waits for the save in flight: the newest checkpoint is complete
+        loop.close()
     seconds = time.perf_counter() - start
-    trained = nnx.merge(graphdef, state.params)
-    return TrainResult(trained, final_loss, eval_loss, config.steps, total_tokens / max(seconds, 1e-9), seconds,
-                       first_step)
+    return TrainResult(nnx.merge(graphdef, loop.state.params), loop.final_loss, loop.eval_loss, config.steps,
+                       loop.total_tokens / max(seconds, 1e-9), seconds, loop.first_step)
 
 
-def _note(message: str) -> None:
-    print(f"[mlflow-tunix] {message}", file=sys.stderr, flush=True)
+class _Loop:
+    """What the loop carries from step to step: the state, the metrics not yet pulled to the host,
+    the throughput window, the last figures, and the checkpoints."""
+
+    def __init__(self, config: TrainConfig, tracker: Tracker, schedule, eval_fn, eval_data, state: TrainState):
+        self.config, self.tracker, self.schedule, self.eval_fn, self.eval_data = config, tracker, schedule, eval_fn, eval_data
+        self.state = state
+        self.checkpoints: Checkpoints | None = None
+        self.key: dict = {}
+        self.first_step, self.final_loss, self.eval_loss = 0, float("nan"), None
+        self.pending: list[tuple[int, dict]] = []  # (step, device metrics) since the last sync
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+        self.total_tokens, self.tokens_per_sec = 0, 0.0
+
+    def open_checkpoints(self, directory, key: dict, resume: bool) -> None:
+        """Checkpoint to ``directory``; with ``resume``, continue from its newest checkpoint (one of
+        another run is refused). Without, the directory must hold none."""
+        self.checkpoints, self.key = Checkpoints(directory, self.config.keep_checkpoints), key
+        try:
+            if not resume and self.checkpoints.steps():
+                raise ConfigError(f"train.checkpoint_dir: {self.checkpoints.directory} already holds checkpoints "
+                                  f"(steps {self.checkpoints.steps()}); resume them or give an empty directory")
+            restored = self.checkpoints.restore(self.state, key) if resume else None
+        except BaseException:
+            self.checkpoints.close()
+            raise
+        if restored is not None:
+            self.state, info = restored
+            self.first_step, self.final_loss, self.eval_loss = int(info["step"]), float(info["loss"]), info.get("eval_loss")
+
+    def after_step(self, step: int, metrics, n_tokens: int, interrupted: bool) -> None:
+        """Log every ``log_every`` steps, evaluate every ``eval_every``, checkpoint every ``checkpoint_every``
+        (and all three at the last step; a stop request logs and checkpoints at once)."""
+        c = self.config
+        self.pending.append((step, metrics))
+        self.window_tokens += n_tokens  # positions processed (B x L), the usual throughput unit
+        self.total_tokens += n_tokens
+        last = step == c.steps - 1
+        save = self.checkpoints is not None and ((step + 1) % c.checkpoint_every == 0 or last or interrupted)
+        if (step + 1) % c.log_every == 0 or last or save or interrupted:
+            self.log_window(step)
+        if (c.eval_every and (step + 1) % c.eval_every == 0) or last:
+            self.eval_loss = self.held_out_loss()
+            if self.eval_loss is not None:
+                self.tracker.log_scalar("eval_loss", self.eval_loss, step)
+        if save:
+            self.checkpoint(step)
+
+    def log_window(self, step: int) -> None:
+        """Pull the window's figures to the host (the one sync per window), check them, log them."""
+        fetched = jax.device_get([m for _, m in self.pending])
+        self.tokens_per_sec = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+        for (s, _), m in zip(self.pending, fetched):
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not np.isfinite(loss):
+                raise self.stopped(s, "the loss", loss)
+            if not np.isfinite(grad_norm):
+                raise self.stopped(s, "the gradient norm", grad_norm)
+            self.tracker.log_scalar("loss", loss, s)
+            self.tracker.log_scalar("grad_norm", grad_norm, s)
+            self.tracker.log_scalar("learning_rate", float(self.schedule(s)), s)
+        self.final_loss = float(fetched[-1]["loss"])
+        self.tracker.log_scalar("tokens_per_sec", self.tokens_per_sec, step)
+        self.pending, self.window_tokens, self.window_start = [], 0, time.perf_counter()
+
+    def held_out_loss(self) -> float | None:
+        data = self.eval_data
+        if data is None or len(data.tokens) == 0:
+            return None
+        b = min(self.config.batch_size, len(data.tokens))
+        losses = [self.eval_fn(self.state.params, data.tokens[i : i + b], data.loss_mask[i : i + b])
+                  for i in range(0, min(len(data.tokens), b * self.config.eval_batches) - b + 1, b)]
+        return float(np.mean(jax.device_get(losses)))
+
+    def checkpoint(self, step: int) -> None:
+        # Only a finite state is ever saved: the window up to this step was checked by log_window,
+        # the parameters it produced are checked here.
+        if not bool(_all_finite(self.state.params)):
+            raise self.stopped(step, "a parameter", "inf or NaN after the update")
+        # The metrics of every step before the checkpoint are stored first (sent, or kept locally):
+        # a resumed run recomputes only the steps after it, so nothing before it may be missing.
+        self.tracker.sync()
+        self.checkpoints.save(self.state, {**self.key, "step": step + 1, "loss": self.final_loss,
+                                           "eval_loss": self.eval_loss})
+
+    def checkpoint_path(self, step: int) -> str | None:
+        return str(self.checkpoints.directory / str(step)) if self.checkpoints is not None else None
+
+    def stopped(self, step: int, what: str, value) -> TrainingError:
+        ckpt = self.checkpoints
+        kept = (f"; the last good checkpoint (step {ckpt.steps()[-1]}) is kept in {ckpt.directory}"
+                if ckpt is not None and ckpt.steps() else "")
+        return TrainingError(f"step {step}: {what} is {value}; training stopped{kept}. "
+                             f"Lower train.learning_rate (now {self.config.learning_rate})")
+
+    def close(self) -> None:
+        self.tracker.flush()
+        if self.checkpoints is not None:
+            self.checkpoints.close()  # waits for the save in flight: the newest checkpoint is complete
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):

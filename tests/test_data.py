@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlflow_tunix import data
+from mlflow_tunix import data, generators
 from mlflow_tunix.data import Example
 from mlflow_tunix.errors import ConfigError, DataError
 
@@ -107,7 +107,7 @@ def test_utf8_bom_and_crlf(tmp_path):
 
 
 def test_write_jsonl_round_trip(tmp_path):
-    records = data.generate("high-card", 20, seed=5)
+    records = generators.generate("high-card", 20, seed=5)
     data.write_jsonl(records, tmp_path / "sub" / "hc.jsonl")
     from_file = data.read_jsonl(tmp_path / "sub" / "hc.jsonl")
     in_memory = data.examples_from_records(records, "generator:high-card")
@@ -276,11 +276,11 @@ def test_answers_match():
 # Generators
 
 
-@pytest.mark.parametrize("name", sorted(data.GENERATORS))
+@pytest.mark.parametrize("name", sorted(generators.GENERATORS))
 def test_generators_are_deterministic(name):
-    a = data.generate(name, 40, seed=7)
-    assert a == data.generate(name, 40, seed=7)
-    assert a != data.generate(name, 40, seed=8)
+    a = generators.generate(name, 40, seed=7)
+    assert a == generators.generate(name, 40, seed=7)
+    assert a != generators.generate(name, 40, seed=8)
     assert len(a) == 40
     assert [r["meta"]["index"] for r in a] == list(range(40))
     assert all(r["meta"]["generator"] == name and r["meta"]["seed"] == 7 for r in a)
@@ -300,7 +300,7 @@ def test_generators_are_deterministic(name):
     ],
 )
 def test_addition_steps_by_hand(a, b, steps):
-    assert data.addition_steps(a, b) == steps
+    assert generators.addition_steps(a, b) == steps
 
 
 def _check_addition_record(r):
@@ -321,7 +321,7 @@ def _check_addition_record(r):
 
 
 def test_addition_records():
-    records = data.generate("addition", 500, seed=3)
+    records = generators.generate("addition", 500, seed=3)
     pairs = [_check_addition_record(r) for r in records]
     assert len(set(pairs)) == 500
     for (a, b), r in zip(pairs, records):
@@ -329,30 +329,30 @@ def test_addition_records():
         assert r["meta"]["category"] == f"{max(len(str(a)), len(str(b)))}-digit"
     lengths = {(len(str(a)), len(str(b))) for a, b in pairs}
     assert (1, 4) in lengths and (4, 1) in lengths  # lengths are drawn independently
-    assert len(data.generate("addition", seed=0)) == 1000
+    assert len(generators.generate("addition", seed=0)) == 1000
 
 
 def test_addition_options():
-    small = data.generate("addition", 100, seed=1, digits=(1, 1))
+    small = generators.generate("addition", 100, seed=1, digits=(1, 1))
     assert {_check_addition_record(r) for r in small} == {(a, b) for a in range(10) for b in range(10)}
-    three = data.generate("addition", 30, seed=1, digits=3, trace=False)
+    three = generators.generate("addition", 30, seed=1, digits=3, trace=False)
     for r in three:
         a, b = map(int, re.findall(r"\d+", r["prompt"]))
         assert 100 <= a <= 999 and 100 <= b <= 999 and r["steps"] == [] and r["final_answer"] == str(a + b)
     with pytest.raises(ConfigError, match="allows only 100 distinct pairs"):
-        data.generate("addition", 101, digits=(1, 1))
+        generators.generate("addition", 101, digits=(1, 1))
     with pytest.raises(ConfigError, match="digits must be"):
-        data.generate("addition", 5, digits=(3, 2))
+        generators.generate("addition", 5, digits=(3, 2))
     with pytest.raises(ConfigError, match=r"unknown option 'carry' for generator 'addition' \(allowed: digits, trace\)"):
-        data.generate("addition", 5, carry=True)
+        generators.generate("addition", 5, carry=True)
     with pytest.raises(ConfigError, match=r"unknown generator 'mult' \(allowed: addition, golden-v2, high-card\)"):
-        data.generate("mult")
+        generators.generate("mult")
     with pytest.raises(ConfigError, match="n must be a positive integer"):
-        data.generate("addition", 0)
+        generators.generate("addition", 0)
 
 
 def test_golden_v2():
-    records = data.generate("golden-v2", seed=42)
+    records = generators.generate("golden-v2", seed=42)
     assert len(records) == 100
     examples = data.examples_from_records(records, "generator:golden-v2")
     assert data.summarize(examples)["categories"] == {"arithmetic": 50, "repeat": 50}
@@ -362,9 +362,9 @@ def test_golden_v2():
         assert r["steps"][0]["content"] == f"Calculating {a} + {b} = {a + b}"
     for r in records[50:]:
         w, k = re.fullmatch(r"Repeat '(\w+)' (\d) times", r["prompt"]).groups()
-        assert w in data.GOLDEN_WORDS and 2 <= int(k) <= 5
+        assert w in generators.GOLDEN_WORDS and 2 <= int(k) <= 5
         assert r["final_answer"].split(" ") == [w] * int(k)
-    odd = data.generate("golden-v2", 7, seed=1)
+    odd = generators.generate("golden-v2", 7, seed=1)
     assert [r["meta"]["category"] for r in odd] == ["arithmetic"] * 3 + ["repeat"] * 4
 
 
@@ -382,7 +382,7 @@ def _winner_by_rules(prompt):
 
 
 def test_high_card_answers():
-    records = data.generate("high-card", 3000, seed=0)
+    records = generators.generate("high-card", 3000, seed=0)
     categories = set()
     for r in records:
         assert r["final_answer"] == _winner_by_rules(r["prompt"])
@@ -396,17 +396,17 @@ def test_high_card_answers():
 
 
 def test_high_card_steps_by_hand():
-    steps, answer, category = data.high_card_steps(
+    steps, answer, category = generators.high_card_steps(
         "Alice", [("3", "S"), ("K", "H"), ("9", "D")], "Bob", [("2", "C"), ("7", "S"), ("K", "D")]
     )
     assert steps == ["Alice: K(13) 9(9) 3(3)", "Bob: K(13) 7(7) 2(2)", "13 = 13", "9 > 7", "Alice wins"]
     assert (answer, category) == ("Alice", "decided-by-card-2")
-    steps, answer, category = data.high_card_steps(
+    steps, answer, category = generators.high_card_steps(
         "Carol", [("A", "S"), ("10", "H"), ("2", "D")], "Dave", [("A", "C"), ("10", "S"), ("2", "S")]
     )
     assert steps[0] == "Carol: A(14) 10(10) 2(2)" and steps[2:] == ["14 = 14", "10 = 10", "2 = 2", "Tie"]
     assert (answer, category) == ("Tie", "tie")
-    steps, answer, _ = data.high_card_steps("Bob", [("4", "S"), ("2", "H"), ("3", "D")], "Dave", [("5", "C"), ("2", "S"), ("3", "S")])
+    steps, answer, _ = generators.high_card_steps("Bob", [("4", "S"), ("2", "H"), ("3", "D")], "Dave", [("5", "C"), ("2", "S"), ("3", "S")])
     assert steps[2:] == ["4 < 5", "Dave wins"] and answer == "Dave"
 
 
@@ -415,7 +415,7 @@ def test_high_card_steps_by_hand():
 
 
 def _examples(n):
-    return data.examples_from_records(data.generate("addition", n, seed=11), "generator:addition")
+    return data.examples_from_records(generators.generate("addition", n, seed=11), "generator:addition")
 
 
 def test_split():
@@ -468,13 +468,15 @@ def test_drop_overlap(tunix_rt):
 
 
 def test_to_mlflow_dataset_logged(tunix_rt, tmp_path):
+    from mlflow_tunix import runs
+
     import mlflow
 
     eval_path = tunix_rt / "eval_v2.jsonl"
     evals = data.read_jsonl(eval_path)
     train = _examples(30)
-    train_ds = data.to_mlflow_dataset(train, "addition", "generator:addition?n=30&seed=11")
-    eval_ds = data.to_mlflow_dataset(evals, "eval_v2", str(eval_path))
+    train_ds = runs.to_mlflow_dataset(train, "addition", "generator:addition?n=30&seed=11")
+    eval_ds = runs.to_mlflow_dataset(evals, "eval_v2", str(eval_path))
     assert list(train_ds.df.columns) == ["id", "prompt", "completion", "answer", "category"]
     assert train_ds.df["answer"].tolist() == [ex.answer for ex in train]
     assert eval_ds.df["completion"].isna().all()

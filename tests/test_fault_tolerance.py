@@ -38,8 +38,8 @@ def _set_args(checkpoint_root, **extra) -> list[str]:
 def reference():
     """The uninterrupted run, in this process and without MLflow: its final weights."""
     from mlflow_tunix.config import load_project
-    from mlflow_tunix.model import build_model, flat_params
-    from mlflow_tunix.pipeline import params_sha256, prepare
+    from mlflow_tunix.model import build_model, flat_params, params_sha256
+    from mlflow_tunix.pipeline import prepare
     from mlflow_tunix.train import train
 
     cfg = load_project(str(TINY), BASE)
@@ -189,7 +189,8 @@ def test_sigterm_checkpoints_and_mlflow_run_resumes(tracking_uri, tmp_path, refe
 
 # --------------------------------------------------------------------------- NaN
 def test_nan_fails_the_run_keeps_the_last_good_checkpoint_and_registers_nothing(tracking_uri, tmp_path, reference):
-    from mlflow_tunix.train import Checkpoints, init_state, make_optimizer, state_signature
+    from mlflow_tunix.checkpoint import Checkpoints, state_signature
+    from mlflow_tunix.train import init_state, make_optimizer
     from mlflow_tunix.model import build_model
 
     root = tmp_path / "ckpt"

@@ -102,13 +102,13 @@ def test_config_errors_are_refused_before_any_run(tracking_uri, tmp_path):
 
 
 def test_evaluate_command_scores_a_logged_model(tracking_uri, tmp_path):
-    from mlflow_tunix import data
+    from mlflow_tunix import data, generators
     from mlflow_tunix.config import load_project
     from mlflow_tunix.pipeline import run_main
 
     result = run_main(load_project(str(TINY), {"train.steps": 60}), register=True, progress=False)
     eval_file = tmp_path / "eval.jsonl"
-    data.write_jsonl(data.generate("addition", n=12, seed=5, digits=(2, 2)), eval_file)
+    data.write_jsonl(generators.generate("addition", n=12, seed=5, digits=(2, 2)), eval_file)
     proc = run_cli(["evaluate", "--model-uri", "models:/tunix-tiny/1", "--eval-data", eval_file, "--no-progress"],
                    tracking_uri, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

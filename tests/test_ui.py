@@ -224,11 +224,11 @@ def test_registry_page_shows_the_leaderboard_and_stages(server, leaderboard_runs
 
 
 def test_printed_link_opens_the_runs_sorted_by_accuracy(server, leaderboard_runs, browser, shots):
-    """`pipeline.ui_link` (printed at the end of main) opens the runs table sorted by answer_accuracy,
+    """`runs.ui_link` (printed at the end of main) opens the runs table sorted by answer_accuracy,
     best first, each run in the colour its mlflow.runColor tag names."""
     from mlflow import MlflowClient
 
-    from mlflow_tunix.pipeline import ui_link
+    from mlflow_tunix.runs import ui_link
 
     runs = leaderboard_runs["runs"]
     experiment_id = runs[0].experiment_id
@@ -286,7 +286,7 @@ def test_chart_view_draws_one_loss_curve_per_run(server, leaderboard_runs, brows
     labelled with its run name and drawn in its own colour."""
     from mlflow import MlflowClient
 
-    from mlflow_tunix.pipeline import ui_link
+    from mlflow_tunix.runs import ui_link
 
     runs = leaderboard_runs["runs"]
     client = MlflowClient(server)

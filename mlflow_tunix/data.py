@@ -118,9 +118,6 @@ def answers_match(predicted: str | None, expected: str) -> bool:
 # --------------------------------------------------------------------------------------------
 # Reading and checking records
 
-FORMATS = ("trace", "completion", "eval")
-
-
 def _type_name(value) -> str:
     return "null" if value is None else {dict: "object", list: "list", str: "string"}.get(
         type(value), type(value).__name__

@@ -20,17 +20,10 @@ from typing import Sequence
 from mlflow_tunix.data import Example, answers_match, is_well_formed, parse_answer, render_prompt
 from mlflow_tunix.generate import GenerationConfig, generate_text
 
-TABLE_COLUMNS = ("id", "category", "prompt", "expected", "answer", "correct", "well_formed", "new_tokens", "generated")
-
-
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
-    rows: list[dict]
-
-    @property
-    def accuracy(self) -> float:
-        return self.metrics["answer_accuracy"]
+    rows: list[dict]  # one per item: id, category, prompt, expected, answer, correct, well_formed, new_tokens, generated
 
 
 def metric_key(category: str) -> str:

@@ -243,11 +243,12 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
                 idx = sampler.indices(step)
                 batch = {"tokens": data.tokens[idx], "loss_mask": data.loss_mask[idx]}
                 loop.state, metrics = step_fn(loop.state, batch)
-                loop.after_step(step, metrics, batch["tokens"].size, interrupted=stop.signum is not None)
+                signum = stop.signum  # read once: a signal may land at any moment
+                loop.after_step(step, metrics, batch["tokens"].size, interrupted=signum is not None)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loop.final_loss:.4f}", tok_s=f"{loop.tokens_per_sec:,.0f}", refresh=False)
-                if stop.signum is not None:
-                    raise TrainingInterrupted(step + 1, stop.signum, loop.checkpoint_path(step + 1))
+                if signum is not None:
+                    raise TrainingInterrupted(step + 1, signum, loop.checkpoint_path(step + 1))
     finally:
         bar.close()
         loop.close()

@@ -62,7 +62,11 @@ def score(examples: Sequence[Example], completions: Sequence[str], new_tokens: S
     if new_tokens is not None:
         metrics["mean_new_tokens"] = float(sum(new_tokens)) / n
     for category, results in sorted(by_category.items()):
-        metrics[metric_key(category)] = sum(results) / len(results)
+        key, n = metric_key(category), 1
+        while key in metrics:  # two categories that read alike once sanitised ("a b", "a/b") keep both scores
+            n += 1
+            key = f"{metric_key(category)}-{n}"
+        metrics[key] = sum(results) / len(results)
     return EvalResult(metrics, rows)
 
 

@@ -56,13 +56,6 @@ def tracking_uri(tmp_path, monkeypatch):
         mlflow.end_run()
 
 
-@pytest.fixture
-def fixtures_dir():
-    if not FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
-    return FIXTURES
-
-
 def cli_env(tracking_uri: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") or k.startswith("MLFLOW_TUNIX_")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(REPO), MLFLOW_TUNIX_SYSTEM_METRICS="0", **extra)
@@ -182,6 +175,14 @@ def tiny_tokenizer():
     from mlflow_tunix.tokenizer import TokenizerConfig, train_tokenizer
 
     return train_tokenizer(addition_texts(), TokenizerConfig(vocab_size=300))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two {name: array} weight sets (``model.flat_params``) are bit for bit the same, not merely close."""
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), name
+        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs"
 
 
 def tiny_model_and_tokenizer():

@@ -19,7 +19,7 @@ from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
 from mlflow_tunix.generate import GenerationConfig
 from mlflow_tunix.model import flat_params
 
-from conftest import tiny_model_and_tokenizer
+from conftest import assert_same_weights, tiny_model_and_tokenizer
 
 PROMPTS = ["What is 12+7?", "What is 3+45?", "Add 8 and 9."]
 GENERATION = GenerationConfig(max_new_tokens=12)
@@ -73,11 +73,7 @@ def logged(tiny, tracking):
 
 
 def same_params(a, b):
-    pa, pb = flat_params(a), flat_params(b)
-    assert sorted(pa) == sorted(pb)
-    for key in pa:
-        assert pa[key].dtype == pb[key].dtype and pa[key].shape == pb[key].shape, key
-        assert pa[key].tobytes() == pb[key].tobytes(), key  # bit-identical, not merely close
+    assert_same_weights(flat_params(a), flat_params(b))
 
 
 def copy_of(saved, tmp_path):

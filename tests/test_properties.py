@@ -113,9 +113,18 @@ def test_config_overrides_load_or_raise_config_error(overrides):
                        values, max_size=4))
 def test_config_from_any_mapping_builds_or_raises_config_error(raw):
     try:
-        from_dict(ProjectConfig, raw)
-    except ConfigError:
-        pass
+        cfg = from_dict(ProjectConfig, raw)
+    except ConfigError as exc:
+        # One line that starts with the key at fault: a section of the input (dotted, as in
+        # "train.steps: ..." or "data.train[0]: ..."), or the config itself for a missing field.
+        message = str(exc)
+        assert message and "\n" not in message.strip(), message
+        key = message.split(": ")[0]
+        assert key == "ProjectConfig" or key.split(".")[0].split("[")[0] in raw, (message, sorted(raw))
+        return
+    assert isinstance(cfg, ProjectConfig)
+    assert cfg.name == str(raw["name"])  # the one required field, as given (a number as its str())
+    assert all(isinstance(k, str) for k in to_flat_dict(cfg))
 
 
 # --------------------------------------------------------------------------- the pyfunc input parser

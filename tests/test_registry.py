@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -24,9 +23,8 @@ from mlflow_tunix import registry
 from mlflow_tunix.cli import main as cli_main
 from mlflow_tunix.errors import TunixError
 
-from conftest import mlflow_server_process
+from conftest import REPO, mlflow_server_process
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_DIGEST = "e" * 64
 OTHER_EVAL_DIGEST = "f" * 64
 
@@ -111,7 +109,7 @@ def _model_name():
 
 
 def _cli_env(uri):
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, PYTHONPATH=str(REPO))
     env.pop("PYTEST_CURRENT_TEST", None)  # run as a user would, not under MLflow's test-mode checks
     return env
 

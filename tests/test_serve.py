@@ -17,9 +17,8 @@ import requests
 from mlflow_tunix import flavor
 from mlflow_tunix.generate import GenerationConfig
 
-from conftest import free_port, stop_process_group, tiny_model_and_tokenizer, wait_until_answers
+from conftest import REPO, free_port, stop_process_group, tiny_model_and_tokenizer, wait_until_answers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is 12+7?", "What is 3+45?", "Add 8 and 9."]
 NAME = "served-adder"
 
@@ -54,7 +53,7 @@ def server(registered, tmp_path_factory):
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking_uri,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
         "JAX_PLATFORMS": "cpu",
     }

@@ -191,8 +191,9 @@ def resume_key(config: TrainConfig, model_config, state, data: TokenizedData) ->
     """Everything a checkpoint must agree on to be resumed into this run (JSON-ready): the
     TrainConfig fields the weights depend on (the seed fixes the batch order), the whole model
     config, the state's shapes and the training tokens."""
-    key = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in NOT_IN_WEIGHTS}
-    key["model"] = json.loads(json.dumps(dataclasses.asdict(model_config)))  # tuples as JSON lists, like the saved info
+    key = {name: value for name, value in dataclasses.asdict(config).items() if name not in NOT_IN_WEIGHTS}
+    key["model"] = dataclasses.asdict(model_config)
+    key = json.loads(json.dumps(key))  # as the checkpoint's JSON info holds it (tuples as lists)
     key["state"] = state_signature(state)
     key["data_sha256"] = arrays_digest(data.tokens, data.loss_mask)
     return key

@@ -140,3 +140,26 @@ def test_a_batch_larger_than_the_data_is_a_config_error():
     with pytest.raises(ConfigError) as err:
         BatchSampler(10, 11, seed=0)
     assert str(err.value) == "train.batch_size: 11 is larger than the training set (10 examples); allowed: 1 to 10"
+
+
+# --------------------------------------------------------------------------- what a checkpoint must match
+def test_every_setting_but_the_cadence_is_in_the_resume_key():
+    """Safe by construction: a field added to TrainConfig or ModelConfig is in the key unless it is
+    named in NOT_IN_WEIGHTS, so a checkpoint of other settings is never resumed silently."""
+    import dataclasses
+
+    from mlflow_tunix.train import NOT_IN_WEIGHTS, TrainConfig, TokenizedData, init_state, make_optimizer, resume_key
+
+    config, model_config = TrainConfig(steps=10), ModelConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32)
+    data = TokenizedData(np.ones((4, 8), np.int32), np.ones((4, 8), np.float32))
+    _, state = init_state(build_model(model_config, seed=0), make_optimizer(config)[0])
+    key = resume_key(config, model_config, state, data)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(key) == (fields - set(NOT_IN_WEIGHTS)) | {"model", "state", "data_sha256"}
+    assert key["model"] == dataclasses.asdict(model_config)
+    changed = {"b2": 0.95, "weight_decay": 0.0, "min_lr_ratio": 0.5, "seed": 3}
+    for name, value in changed.items():
+        assert resume_key(dataclasses.replace(config, **{name: value}), model_config, state, data) != key, name
+    assert resume_key(config, dataclasses.replace(model_config, norm_eps=1e-5), state, data) != key
+    cadence = dataclasses.replace(config, log_every=3, eval_every=7, checkpoint_every=2, keep_checkpoints=5)
+    assert resume_key(cadence, model_config, state, data) == key

@@ -153,22 +153,26 @@ def mlflow_history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def tensorboard_history(log_dir, tag: str) -> list[tuple[int, float]]:
-    """Tunix's TensorBoard backend's event files, read back (tensorboard's reader; the same values as ours?)."""
-    from tensorboard.backend.event_processing import event_accumulator
+    """The points Tunix's own TensorBoard backend (metrax, tensorboardX) wrote to its event files.
 
-    acc = event_accumulator.EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "scalars": 0})
-    acc.Reload()
-    if tag in acc.Tags().get("scalars", []):
-        return sorted((e.step, e.value) for e in acc.Scalars(tag))
-    import numpy as np
+    An event file is TFRecords (length, crc, Event proto, crc); tensorboardX ships the proto but no reader.
+    """
+    import glob
+    import struct
 
-    return sorted((e.step, float(np.asarray(tf_make_ndarray(e.tensor_proto)))) for e in acc.Tensors(tag))
+    from tensorboardX.proto import event_pb2
 
-
-def tf_make_ndarray(proto):
-    from tensorboard.util import tensor_util
-
-    return tensor_util.make_ndarray(proto)
+    points = []
+    for path in glob.glob(str(log_dir / "**" / "events.out.tfevents.*"), recursive=True):
+        data, at = open(path, "rb").read(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                if value.tag.strip("/") == tag.strip("/"):
+                    points.append((event.step, value.simple_value))
+    return sorted(points)
 
 
 def assert_same_points(ours, theirs):

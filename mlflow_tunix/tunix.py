@@ -117,6 +117,7 @@ class MlflowBackend:
         self.tracker = MlflowTracker(run_id, flush_every=500, spill_path=spill_path)
         self.closed = False
         self._last_flush = time.monotonic()
+        self._lock = threading.Lock()  # Tunix's async RL may record scalars from more than one thread
         with _LOCK:
             _OWNERS.setdefault(run_id, self)
             _LIVE.add(self)
@@ -132,10 +133,13 @@ class MlflowBackend:
         with _LOCK:
             if _OWNERS.setdefault(self.run_id, self) is not self:
                 return
-        self.tracker.log_scalar(key, number, int(kwargs["step"]))
-        if time.monotonic() - self._last_flush > self.flush_seconds:
-            self.tracker.flush()
-            self._last_flush = time.monotonic()
+        with self._lock:
+            if self.closed:
+                return
+            self.tracker.log_scalar(key, number, int(kwargs["step"]))
+            if time.monotonic() - self._last_flush > self.flush_seconds:
+                self.tracker.flush()
+                self._last_flush = time.monotonic()
 
     def close(self) -> None:
         """Send what is buffered and wait for it (or spill it); end the run if this backend started it.
@@ -147,7 +151,8 @@ class MlflowBackend:
             if _OWNERS.get(self.run_id) is self:
                 del _OWNERS[self.run_id]
             _LIVE.discard(self)
-        self.tracker.close()
+        with self._lock:
+            self.tracker.close()
         if self.started_run:
             _end_started_run(self.run_id)
 

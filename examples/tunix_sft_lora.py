@@ -36,7 +36,7 @@ def main(argv=None):
     from tunix.sft import peft_trainer
 
     from mlflow_tunix.data import answers_match, parse_answer
-    from mlflow_tunix.tunix import log_tunix_config, metrics_logger_options
+    from mlflow_tunix.tunix import describe, log_tunix_config, metrics_logger_options
 
     train = common.addition_examples(args.steps * args.batch_size // 2 + args.batch_size, seed=0)
     held_out = common.addition_examples(args.n_eval + 64, seed=1)[-args.n_eval - 32 :]
@@ -57,11 +57,12 @@ def main(argv=None):
             metrics_logging_options=metrics_logger_options(),  # <- MLflow (1/3)
         )
         log_tunix_config(training_config)  # <- (2/3)
-        mlflow.log_params({"optimizer": common_describe(optax.adamw(schedule, weight_decay=0.01)),
+        optimizer = optax.adamw(schedule, weight_decay=0.01)
+        mlflow.log_params({"optimizer": describe(optimizer)[:6000],
                            "model": "tunix Qwen3 " + ", ".join(f"{k}={v}" for k, v in config.items()),
                            "lora.rank": lora["rank"], "lora.alpha": lora["alpha"],
                            "data": f"addition 1-2 digits, {len(train_batches) * args.batch_size} examples"})
-        trainer = peft_trainer.PeftTrainer(model, optax.adamw(schedule, weight_decay=0.01), training_config)
+        trainer = peft_trainer.PeftTrainer(model, optimizer, training_config)
         trainer = trainer.with_gen_model_input_fn(common.model_inputs) or trainer
         trainer.train(train_batches * (1 + args.steps // max(1, len(train_batches))), eval_batches)
 
@@ -76,12 +77,6 @@ def main(argv=None):
         print(f"run {run.info.run_id}: answer_accuracy {sum(right) / len(right):.3f}; "
               f"model {info.model_uri} registered as {args.registered_model} v{info.registered_model_version}")
     return run.info.run_id
-
-
-def common_describe(value) -> str:
-    from mlflow_tunix.tunix import describe
-
-    return describe(value)[:6000]
 
 
 if __name__ == "__main__":

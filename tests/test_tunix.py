@@ -16,7 +16,7 @@ import types
 
 import pytest
 
-from conftest import REPO, mlflow_server_process, start_mlflow_server, stop_process_group
+from conftest import REPO, start_mlflow_server, stop_process_group
 
 
 def _tunix_missing() -> str | None:
@@ -89,6 +89,39 @@ def test_optax_schedules_and_nested_configs_become_flat_readable_params():
     assert "cosine_decay_schedule(" in lr and "0.001" in lr
     adamw = config_params(Inner(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))))["learning_rate"]
     assert adamw.startswith("chain(") and "clip_by_global_norm(max_norm=1.0)" in adamw
+
+
+def test_points_buffered_at_exit_are_sent_and_calls_after_close_are_ignored(tracking_uri, tmp_path):
+    """No Tunix needed: the backend is driven as Tunix drives it (jax.monitoring listeners)."""
+    import mlflow
+
+    run_id = mlflow.MlflowClient().create_run("0").info.run_id
+    # A script that never closes its backend (a trainer that crashed, a notebook): the points go out at exit.
+    script = (
+        "import jax, sys\n"
+        "from mlflow_tunix.tunix import mlflow_backend\n"
+        f"backend = mlflow_backend(run_id={run_id!r})\n"
+        "jax.monitoring.register_scalar_listener(backend.log_scalar)\n"
+        "for step in range(1, 8):\n"
+        "    jax.monitoring.record_scalar('/train/loss', 1.0 / step, step=step)\n"
+        "jax.monitoring.record_scalar('/jax/core/compile/backend_compile_duration', 0.5, fun_name='f')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking_uri})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert mlflow_history(run_id, "train/loss") == [(s, pytest.approx(1.0 / s)) for s in range(1, 8)]
+    assert set(mlflow.get_run(run_id).data.metrics) == {"train/loss"}
+
+    from mlflow_tunix.tunix import mlflow_backend
+
+    spill = tmp_path / "unsent.jsonl"
+    backend = mlflow_backend(run_id, spill_path=spill)
+    backend.log_scalar("/eval/loss", 2.0, step=0)
+    backend.close()
+    backend.log_scalar("/eval/loss", 3.0, step=5)  # JAX keeps calling a closed backend: ignored, not spilled
+    backend.close()
+    assert mlflow_history(run_id, "eval/loss") == [(0, 2.0)]
+    assert not spill.exists()
 
 
 # --------------------------------------------------------------------------- a tiny Tunix SFT run
@@ -244,14 +277,15 @@ def test_a_run_the_backend_starts_and_a_second_trainer_after_close(tunix_install
 
 
 def test_a_tracking_server_that_is_down_does_not_stop_training(tunix_installed, tmp_path, monkeypatch):
+    """A real `mlflow server` killed before training: training runs to its end, every point is kept in the spill
+    file with Tunix's values and steps (re-sending it later is tested in test_fault_tolerance.py)."""
+    import json
+
     import mlflow
 
-    from mlflow_tunix.tracking import resend_metrics
     from mlflow_tunix.tunix import metrics_logger_options
 
-    root = tmp_path / "server"
-    root.mkdir()
-    url, proc = start_mlflow_server(root)
+    url, proc = start_mlflow_server(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     mlflow.set_tracking_uri(url)
     try:
@@ -263,16 +297,12 @@ def test_a_tracking_server_that_is_down_does_not_stop_training(tunix_installed, 
     options = metrics_logger_options(str(tmp_path / "tb"), run_id=run_id, backend_kwargs={"spill_path": spill})
     trainer = train_tiny(options, steps=4, eval_every=2)
     assert trainer.train_steps == 4
-    kept = spill.read_text().splitlines()
+    kept = [json.loads(line) for line in spill.read_text().splitlines()]
     assert len(kept) == 4 * 3 + 3 * 2  # loss, perplexity, grad_norm per train step; loss, perplexity per eval
-
-    with mlflow_server_process(root) as url:  # back: what was kept is sent, and equals Tunix's own figures
-        mlflow.set_tracking_uri(url)
-        client = mlflow.MlflowClient(url)
-        assert resend_metrics(spill, run_id, client=client) == (len(kept), 0)
-        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
-        assert [s for s, _ in history] == [1, 2, 3, 4]
-        assert [v for _, v in history] == pytest.approx(tunix_history(trainer, "train", "loss"), rel=1e-6)
+    train_loss = sorted((p["step"], p["value"]) for p in kept if p["key"] == "train/loss")
+    assert [s for s, _ in train_loss] == [1, 2, 3, 4]
+    assert [v for _, v in train_loss] == pytest.approx(tunix_history(trainer, "train", "loss"), rel=1e-6)
+    assert sorted(p["step"] for p in kept if p["key"] == "eval/loss") == [0, 2, 4]
 
 
 def test_rl_samples_become_a_table_and_reward_histories(tunix_installed, tracking_uri):

@@ -435,3 +435,74 @@ def _flat(entry) -> list:
 def _columns(rows: list[dict]) -> dict[str, list]:
     names = list(dict.fromkeys(k for row in rows for k in row))
     return {name: [row.get(name) for row in rows] for name in names}
+
+
+# --------------------------------------------------------------------------- Tunix models with our flavor
+def model_from_tunix(model, *, max_seq_len: int = 2048):
+    """Our Transformer (``family="qwen3"``) holding a trained Tunix ``Qwen3``'s weights, ready for the
+    mlflow_tunix flavor (``mlflow_tunix.log_model``). Same logits (tested).
+
+    Tunix keeps each projection head-shaped (q_proj ``[d, heads, head_dim]``, o_proj ``[heads, head_dim, d]``); ours
+    are plain ``[in, out]`` matrices in the same head-major order, so each is a reshape, never a transpose.
+    LoRA adapters are not folded in: merge them first (Tunix's ``safetensors_saver`` merges for export).
+    """
+    import numpy as np
+    from flax import nnx
+
+    from mlflow_tunix.model import ModelConfig, build_model
+
+    if not hasattr(ModelConfig, "__dataclass_fields__") or "family" not in ModelConfig.__dataclass_fields__:
+        raise TunixError("this mlflow-tunix has no qwen3 model family: logging Tunix models needs it")
+    cfg = model.config
+    if type(model).__name__ != "Qwen3" or getattr(cfg, "num_experts", None):
+        raise TunixError(f"only Tunix's dense Qwen3 is supported, not {type(model).__name__}")
+    if any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(nnx.state(model))):
+        raise TunixError("the model has LoRA adapters: merge them into the weights first")
+    config = ModelConfig(family="qwen3", vocab_size=cfg.vocab_size, d_model=cfg.embed_dim, n_layers=cfg.num_layers,
+                         n_heads=cfg.num_heads, n_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                         d_ff=cfg.hidden_dim, max_seq_len=max_seq_len, rope_theta=float(cfg.rope_theta),
+                         norm_eps=float(cfg.norm_eps), tie_embeddings=bool(cfg.use_tied_embedding))
+    d, H, K, Dh = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    config = dataclasses.replace(config, rope_theta=_tunix_rope_theta(model))
+
+    def get(x):
+        return np.asarray(x[...], dtype=np.float32)
+
+    params = {"embed": get(model.embedder.input_embedding), "final_norm.scale": get(model.final_norm.w)}
+    if not cfg.use_tied_embedding:
+        params["lm_head"] = get(model.lm_head.w)  # [d, vocab] in both
+    for i, layer in enumerate(model.layers):
+        attn, mlp, ours = layer.attn, layer.mlp, f"blocks.{i}"
+        params.update({
+            f"{ours}.attn_norm.scale": get(layer.input_layernorm.w),
+            f"{ours}.mlp_norm.scale": get(layer.post_attention_layernorm.w),
+            f"{ours}.attn.wq": get(attn.q_proj.w).reshape(d, H * Dh),
+            f"{ours}.attn.wk": get(attn.k_proj.w).reshape(d, K * Dh),
+            f"{ours}.attn.wv": get(attn.v_proj.w).reshape(d, K * Dh),
+            f"{ours}.attn.wo": get(attn.o_proj.w).reshape(H * Dh, d),
+            f"{ours}.attn.q_norm.scale": get(attn.q_norm.w),
+            f"{ours}.attn.k_norm.scale": get(attn.k_norm.w),
+            f"{ours}.mlp.w1": get(mlp.gate_proj.kernel),
+            f"{ours}.mlp.w3": get(mlp.up_proj.kernel),
+            f"{ours}.mlp.w2": get(mlp.down_proj.kernel),
+        })
+    return build_model(config, params=params)
+
+
+def _tunix_rope_theta(model) -> float:
+    """The RoPE base Tunix's Qwen3 really uses. In 0.1.7 its attention calls ``apply_rope`` without the config's
+    ``rope_theta``, so the function's default (1e6, Qwen3's own value) applies whatever the config says."""
+    import importlib
+
+    apply_rope = importlib.import_module(type(model).__module__).apply_rope
+    default = inspect.signature(apply_rope).parameters["rope_theta"].default
+    attention = inspect.getsource(importlib.import_module(type(model).__module__).Attention.__call__)
+    return float(model.config.rope_theta if "rope_theta" in attention else default)
+
+
+def log_tunix_model(model, name: str, *, tokenizer, max_seq_len: int = 2048, **kwargs):
+    """Log a trained Tunix ``Qwen3`` with the mlflow_tunix flavor (safetensors, no pickle): it loads back as a pyfunc
+    that generates. ``kwargs`` are :func:`mlflow_tunix.flavor.log_model`'s (``registered_model_name``...)."""
+    from mlflow_tunix import flavor
+
+    return flavor.log_model(model_from_tunix(model, max_seq_len=max_seq_len), name, tokenizer=tokenizer, **kwargs)

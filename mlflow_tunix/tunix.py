@@ -451,7 +451,7 @@ def model_from_tunix(model, *, max_seq_len: int = 2048):
 
     from mlflow_tunix.model import ModelConfig, build_model
 
-    if not hasattr(ModelConfig, "__dataclass_fields__") or "family" not in ModelConfig.__dataclass_fields__:
+    if not has_qwen3_family():
         raise TunixError("this mlflow-tunix has no qwen3 model family: logging Tunix models needs it")
     cfg = model.config
     if type(model).__name__ != "Qwen3" or getattr(cfg, "num_experts", None):
@@ -487,6 +487,13 @@ def model_from_tunix(model, *, max_seq_len: int = 2048):
             f"{ours}.mlp.w2": get(mlp.down_proj.kernel),
         })
     return build_model(config, params=params)
+
+
+def has_qwen3_family() -> bool:
+    """Whether our model has the qwen3 family (grouped-query attention, q/k norm, untied head)."""
+    from mlflow_tunix import model
+
+    return "qwen3" in getattr(model, "FAMILIES", ())
 
 
 def _tunix_rope_theta(model) -> float:

@@ -12,7 +12,6 @@ import functools
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 

@@ -67,3 +67,11 @@ def test_no_run_output_is_tracked():
 
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert not [p for p in tracked if p.startswith(("mlruns/", "mlartifacts/")) or p.endswith((".db", ".pkl"))]
+
+
+def test_ci_runs_the_tunix_tests_in_a_second_venv_where_they_may_not_skip():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "pip install --quiet -e '.[dev,tunix]'" in ci
+    assert "MLFLOW_TUNIX_REQUIRE_TUNIX_TESTS=1" in ci and "tests/test_tunix.py" in ci
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("google-tunix") for d in extras["tunix"])

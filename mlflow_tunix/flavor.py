@@ -74,17 +74,30 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 from mlflow_tunix.data import parse_answer, parse_reasoning, render_prompt
 from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
 from mlflow_tunix.generate import GenerationConfig, generate_text, request_error
-from mlflow_tunix.model import ModelConfig, Transformer, build_model, flat_params, param_count
+from mlflow_tunix.model import ModelConfig, Transformer, build_model, flat_params, param_count, params_sha256
 from mlflow_tunix.tokenizer import load_tokenizer
 
 FLAVOR_NAME = "mlflow_tunix"
-FORMAT_VERSION = 1  # bump when the files under DATA_PATH change meaning; load refuses newer ones
+# Bump when the files change meaning; load refuses newer ones. 2: the manifest lists every file of the
+# model directory (not only DATA_PATH's) and MLmodel's flavor sections.
+FORMAT_VERSION = 2
 DATA_PATH = "tunix"  # the flavor's sub-directory inside the MLflow model directory
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation.json"
 TOKENIZER_DIR = "tokenizer"
 MANIFEST_FILE = "manifest.json"
+
+# Loading runs no code from a model directory unless the user opts in (mirrors MLflow 3.18's
+# MLFLOW_ALLOW_MODEL_CODE_EXECUTION): load_model(allow_code=True) or this variable set to 1.
+ALLOW_CODE_ENV = "MLFLOW_TUNIX_ALLOW_MODEL_CODE"
+_OPT_IN = (f"mlflow-tunix runs no code from a model directory; for a model you trust, pass allow_code=True "
+           f"to mlflow_tunix.load_model or set {ALLOW_CODE_ENV}=1")
+# What MLflow writes into a model directory after the save (none of it is executed): MLflow's
+# download of a models:/NAME/VERSION URI adds the name and version.
+_REGISTERED_MODEL_META = "registered_model_meta"
+_MLFLOW_ADDED_FILES = {_REGISTERED_MODEL_META}
+MAX_METADATA_BYTES = 16 << 20  # MLmodel, the manifest and the JSON configs are read whole: bound them
 
 # The prediction options a request may set (the signature's ParamSchema), and their MLflow types.
 REQUEST_PARAMS = {"max_new_tokens": "long", "temperature": "double", "top_k": "long", "seed": "long"}
@@ -256,15 +269,30 @@ def _sha256(path: Path) -> str:
 
 
 def _files_under(directory: Path) -> list[str]:
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    """Every file below ``directory`` (relative POSIX paths); a symlink or special file is refused.
+
+    A symlinked directory would not be scanned by a plain walk, and a link can point anywhere:
+    a model directory holds regular files only.
+    """
+    found = []
+    for parent, dirs, files in os.walk(directory, followlinks=False):
+        for name in dirs + files:
+            path = Path(parent) / name
+            if path.is_symlink():
+                raise ModelLoadError(f"{path}: a symbolic link; a model directory holds regular files only")
+            if name in files and not path.is_file():
+                raise ModelLoadError(f"{path}: not a regular file; a model directory holds regular files only")
+            if name in files:
+                found.append(path.relative_to(directory).as_posix())
+    return sorted(found)
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _write_data_dir(data_dir: Path, module: Transformer, tokenizer, generation: GenerationConfig) -> str:
-    """Write weights, configs, tokenizer and manifest; return the manifest's sha256."""
+def _write_data_dir(data_dir: Path, module: Transformer, tokenizer, generation: GenerationConfig) -> None:
+    """Write the weights, configs and tokenizer (the manifest comes last, see _write_manifest)."""
     import safetensors.numpy
 
     data_dir.mkdir()
@@ -274,12 +302,24 @@ def _write_data_dir(data_dir: Path, module: Transformer, tokenizer, generation: 
     _write_json(data_dir / GENERATION_FILE, dataclasses.asdict(generation))
     tokenizer.save_pretrained(str(data_dir / TOKENIZER_DIR))
 
+
+def _trusted_fields(flavors: dict) -> dict:
+    """MLmodel's flavor sections as the manifest records them: everything but the manifest's own hash."""
+    sections = {name: {k: v for k, v in conf.items() if k != "manifest_sha256"} for name, conf in flavors.items()}
+    return json.loads(json.dumps(sections, sort_keys=True, default=str))
+
+
+def _write_manifest(root: Path, flavors: dict) -> str:
+    """List sha256 and size of every file of the model directory (all but MLmodel, written after it)
+    and MLmodel's flavor sections; return the manifest's sha256 (MLmodel records it)."""
+    manifest_path = root / DATA_PATH / MANIFEST_FILE
     files = {
-        name: {"sha256": _sha256(data_dir / name), "bytes": (data_dir / name).stat().st_size}
-        for name in _files_under(data_dir)
+        name: {"sha256": _sha256(root / name), "bytes": (root / name).stat().st_size}
+        for name in _files_under(root)
+        if name != MLMODEL_FILE_NAME
     }
-    _write_json(data_dir / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "files": files})
-    return _sha256(data_dir / MANIFEST_FILE)
+    _write_json(manifest_path, {"format_version": FORMAT_VERSION, "files": files, "mlmodel": _trusted_fields(flavors)})
+    return _sha256(manifest_path)
 
 
 def save_model(
@@ -378,7 +418,21 @@ def _save_into(root: Path, module, tokenizer, generation, *, conda_env, code_pat
     if metadata is not None:
         mlflow_model.metadata = metadata
 
-    manifest_sha256 = _write_data_dir(root / DATA_PATH, module, tokenizer, generation)
+    _write_data_dir(root / DATA_PATH, module, tokenizer, generation)
+
+    if conda_env is None:
+        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
+        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
+            default_reqs, pip_requirements, extra_pip_requirements
+        )
+    else:
+        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
+    with open(root / _CONDA_ENV_FILE_NAME, "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if pip_constraints:
+        write_to(str(root / _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
+    write_to(str(root / _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
+    _PythonEnv.current().to_yaml(str(root / _PYTHON_ENV_FILE_NAME))
 
     pyfunc.add_to_model(
         mlflow_model,
@@ -398,26 +452,13 @@ def _save_into(root: Path, module, tokenizer, generation, *, conda_env, code_pat
         param_count=param_count(module),
         jax_version=jax.__version__,
         flax_version=flax.__version__,
-        manifest_sha256=manifest_sha256,
         code=code_dir_subpath,
     )
+    # Last, so it covers every other file and the flavor sections just written.
+    mlflow_model.flavors[FLAVOR_NAME]["manifest_sha256"] = _write_manifest(root, mlflow_model.flavors)
     if size := get_total_file_size(str(root)):
         mlflow_model.model_size_bytes = size
     mlflow_model.save(str(root / MLMODEL_FILE_NAME))
-
-    if conda_env is None:
-        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
-        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
-            default_reqs, pip_requirements, extra_pip_requirements
-        )
-    else:
-        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
-    with open(root / _CONDA_ENV_FILE_NAME, "w") as f:
-        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
-    if pip_constraints:
-        write_to(str(root / _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
-    write_to(str(root / _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
-    _PythonEnv.current().to_yaml(str(root / _PYTHON_ENV_FILE_NAME))
 
 
 def log_model(
@@ -501,50 +542,144 @@ def log_model(
 # Loading
 
 
-def _flavor_conf(model_dir: Path) -> dict:
+def _code_allowed(allow_code: bool | None) -> bool:
+    if allow_code is None:
+        return os.environ.get(ALLOW_CODE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return bool(allow_code)
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a whole hostile value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
+def _read_small(path: Path, limit: int = MAX_METADATA_BYTES) -> bytes:
+    """The bytes of a metadata file (MLmodel, manifest, a config), refused when not a regular file or too big."""
+    if path.is_symlink() or not path.is_file():
+        missing = not path.exists() and not path.is_symlink()
+        raise ModelLoadError(f"{path}: " + ("missing; the model is incomplete" if missing else "not a regular file"))
+    size = path.stat().st_size
+    if size > limit:
+        raise ModelLoadError(f"{path}: {size} bytes; a metadata file holds at most {limit}")
+    return path.read_bytes()
+
+
+def _inside(model_dir: Path, relative, where: str) -> Path:
+    """``model_dir / relative``, refused unless ``relative`` is a plain relative path below it."""
+    parts = Path(relative).parts if isinstance(relative, str) else ()
+    if not parts or Path(relative).is_absolute() or ".." in parts or "\\" in relative:
+        raise ModelLoadError(f"{where}: {_short(relative)} points outside the model directory")
+    return model_dir / relative
+
+
+def _check_mlmodel(model_dir: Path, allow_code: bool) -> dict:
+    """MLmodel's flavor sections, once they hold no code and no loader but ours (unless allowed)
+    and their data paths stay inside ``model_dir``."""
     mlmodel = model_dir / MLMODEL_FILE_NAME
-    if not mlmodel.is_file():
+    if not mlmodel.exists():
         raise ModelLoadError(f"{mlmodel}: missing; this is not an MLflow model directory")
-    flavors = Model.load(str(model_dir)).flavors
-    if FLAVOR_NAME not in flavors:
-        raise ModelLoadError(f"{mlmodel}: no {FLAVOR_NAME!r} flavor (this model has: {', '.join(flavors)})")
-    return flavors[FLAVOR_NAME]
-
-
-def _check_files(data_dir: Path, manifest_sha256: str | None) -> None:
-    """Every file listed in the manifest is there, with its size and sha256; nothing else is."""
-    manifest_path = data_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ModelLoadError(f"{manifest_path}: missing; the model is incomplete")
-    if manifest_sha256 is not None and _sha256(manifest_path) != manifest_sha256:
-        raise ModelLoadError(f"{manifest_path}: altered (its sha256 differs from the one in MLmodel)")
+    _read_small(mlmodel)
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-        listed = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelLoadError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+        flavors = Model.load(str(mlmodel)).flavors
+    except Exception as exc:  # YAML errors, a non-mapping MLmodel, ...
+        raise ModelLoadError(f"{mlmodel}: unreadable ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(flavors, dict) or FLAVOR_NAME not in flavors:
+        raise ModelLoadError(f"{mlmodel}: no {FLAVOR_NAME!r} flavor (this model has: {', '.join(map(str, flavors or {}))})")
+    sections = {FLAVOR_NAME: flavors[FLAVOR_NAME], pyfunc.FLAVOR_NAME: flavors.get(pyfunc.FLAVOR_NAME) or {}}
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise ModelLoadError(f"{mlmodel}: flavor {name!r} is not a mapping")
+        if section.get("code") and not allow_code:
+            raise ModelLoadError(f"{mlmodel}: flavor {name!r} ships code ({_short(section['code'])}, from code_paths); "
+                                 f"{_OPT_IN}")
+        if "data" in section:
+            _inside(model_dir, section["data"], f"{mlmodel}: {name}.data")
+    loader = sections[pyfunc.FLAVOR_NAME].get("loader_module", __name__)
+    if loader != __name__ and not allow_code:
+        raise ModelLoadError(f"{mlmodel}: loader_module is {_short(loader)}, not {__name__}; {_OPT_IN}")
+    return flavors
+
+
+def _parse_json(raw: bytes, path: Path):
+    """JSON with a duplicate key refused (two values for one key is an edit, not a save)."""
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ValueError(f"duplicate key {_short(key)}")
+        return dict(pairs)
+
+    try:
+        return json.loads(raw, object_pairs_hook=unique)
+    except (ValueError, RecursionError) as exc:  # RecursionError: a deeply nested document
+        raise ModelLoadError(f"{path}: not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
+
+
+def _check_files(model_dir: Path, flavors: dict, allow_code: bool) -> None:
+    """The manifest is the one MLmodel names, agrees with MLmodel's flavor sections, and every file
+    of the model directory is listed with its size and sha256 (MLmodel itself excepted)."""
+    conf = flavors[FLAVOR_NAME]
+    data_rel = conf.get("data", DATA_PATH)
+    manifest_path = _inside(model_dir, data_rel, "data") / MANIFEST_FILE
+    raw = _read_small(manifest_path)
+    expected = conf.get("manifest_sha256")
+    if not isinstance(expected, str):
+        raise ModelLoadError(f"{model_dir / MLMODEL_FILE_NAME}: no manifest_sha256; the model directory cannot be checked")
+    if hashlib.sha256(raw).hexdigest() != expected:
+        raise ModelLoadError(f"{manifest_path}: altered (its sha256 differs from the one in MLmodel)")
+    manifest = _parse_json(raw, manifest_path)
+    try:
+        files = manifest["files"]
+        listed = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ModelLoadError(f"{manifest_path}: unreadable manifest ({type(exc).__name__}: {str(exc)[:100]})") from None
+    if not listed:
+        raise ModelLoadError(f"{manifest_path}: lists no files")
+    whole_directory = conf.get("format_version", FORMAT_VERSION) >= 2
+    if whole_directory:
+        if manifest.get("mlmodel") != _trusted_fields(flavors):
+            raise ModelLoadError(f"{model_dir / MLMODEL_FILE_NAME}: its flavor sections differ from the ones "
+                                 f"{manifest_path} records (MLmodel was edited)")
+    else:  # format 1 (only with allow_code): names relative to the data directory
+        listed = {f"{data_rel}/{name}": entry for name, entry in listed.items()}
 
     for name, (size, sha256) in sorted(listed.items()):
-        path = data_dir / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise ModelLoadError(f"{manifest_path}: entry {name!r} points outside the model directory")
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: missing; the model is incomplete")
+        path = _inside(model_dir, name, f"{manifest_path}: entry")
+        if path.is_symlink() or not path.is_file():
+            raise ModelLoadError(f"{path}: " + ("missing; the model is incomplete" if not path.exists() else "not a regular file"))
         actual = path.stat().st_size
         if actual != size:
             raise ModelLoadError(f"{path}: truncated or altered ({actual} bytes, expected {size})")
         if _sha256(path) != sha256:
             raise ModelLoadError(f"{path}: altered (sha256 differs from {MANIFEST_FILE})")
-    for name in _files_under(data_dir):
-        if name != MANIFEST_FILE and name not in listed:
-            raise ModelLoadError(f"{data_dir / name}: not listed in {MANIFEST_FILE}; refusing a model with unknown files")
+    known = set(listed) | {MLMODEL_FILE_NAME, f"{data_rel}/{MANIFEST_FILE}", *_MLFLOW_ADDED_FILES}
+    for name in _files_under(model_dir):  # also refuses symlinks and special files anywhere
+        if name not in known and not allow_code and (whole_directory or name.startswith(f"{data_rel}/")):
+            raise ModelLoadError(f"{model_dir / name}: not listed in {MANIFEST_FILE}; refusing a model with unknown files")
 
+
+def _verified(model_dir: Path, allow_code: bool | None) -> dict:
+    """Check a local model directory before anything in it is used; return MLmodel's flavor sections."""
+    allow = _code_allowed(allow_code)
+    flavors = _check_mlmodel(model_dir, allow)
+    saved_format = flavors[FLAVOR_NAME].get("format_version", FORMAT_VERSION)
+    if not isinstance(saved_format, int) or isinstance(saved_format, bool) or saved_format > FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{model_dir}: saved in format version {_short(saved_format)}, newer than this mlflow-tunix "
+            f"reads ({FORMAT_VERSION}); upgrade mlflow-tunix"
+        )
+    if saved_format < 2 and not allow:
+        raise ModelLoadError(f"{model_dir}: saved in format version {saved_format}, whose manifest does not cover the "
+                             f"whole model directory; if you trust it, load it with allow_code=True and save it again")
+    _check_files(model_dir, flavors, allow)
+    return flavors
 
 def _read_dataclass(cls, path: Path):
-    try:
-        values = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    values = _parse_json(_read_small(path), path)
+    if not isinstance(values, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -555,16 +690,9 @@ def _read_dataclass(cls, path: Path):
         raise ModelLoadError(f"{path}: {exc}") from exc
 
 
-def _load_from_data_dir(data_dir: Path, flavor_conf: dict) -> TunixModel:
+def _load_from_data_dir(data_dir: Path) -> TunixModel:
+    """Build the model from a data directory that _verified has checked."""
     import safetensors.numpy
-
-    saved_format = flavor_conf.get("format_version", FORMAT_VERSION)
-    if not isinstance(saved_format, int) or saved_format > FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{data_dir}: saved in format version {saved_format!r}, newer than this mlflow-tunix "
-            f"reads ({FORMAT_VERSION}); upgrade mlflow-tunix"
-        )
-    _check_files(data_dir, flavor_conf.get("manifest_sha256"))
 
     config = _read_dataclass(ModelConfig, data_dir / CONFIG_FILE)
     generation = _read_dataclass(GenerationConfig, data_dir / GENERATION_FILE)
@@ -580,7 +708,43 @@ def _load_from_data_dir(data_dir: Path, flavor_conf: dict) -> TunixModel:
     return TunixModel(module=module, tokenizer=tokenizer, generation=generation)
 
 
-def load_model(model_uri, dst_path=None) -> TunixModel:
+def _registered_version(model_uri: str, local_path: Path) -> tuple[str, str] | None:
+    """(name, version) when the model was loaded through the registry, else None.
+
+    MLflow writes ``registered_model_meta`` into every directory it downloads from a ``models:/NAME/V``
+    or ``models:/NAME@alias`` URI (after download: the artifact store cannot forge it).
+    """
+    meta = local_path / _REGISTERED_MODEL_META
+    if not str(model_uri).startswith("models:/") or not meta.is_file() or meta.is_symlink():
+        return None
+    try:
+        values = yaml.safe_load(_read_small(meta))
+        name, version = values.get("model_name"), values.get("model_version")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    # A LoggedModel (models:/m-...) is downloaded with a meta file naming no version.
+    return (str(name), str(version)) if name is not None and version is not None else None
+
+
+def _check_registered(name: str, version: str, module: Transformer) -> None:
+    """The weights are the ones the version was registered with (its ``params_sha256`` tag)."""
+    from mlflow import MlflowClient
+
+    try:
+        tags = MlflowClient().get_model_version(name, version).tags
+    except MlflowException as exc:
+        raise ModelLoadError(f"models:/{name}/{version}: {exc.message[:200]}") from None
+    registered = tags.get("params_sha256")
+    if registered is None:
+        return  # registered by other means than mlflow-tunix: nothing to compare with
+    actual = params_sha256(module)
+    if actual != registered:
+        raise ModelLoadError(
+            f"models:/{name}/{version}: the weights' sha256 {actual[:12]}... differs from the version's "
+            f"params_sha256 tag {registered[:12]}...; the model files changed after registration")
+
+
+def load_model(model_uri, dst_path=None, *, allow_code: bool | None = None) -> TunixModel:
     """
     Load a model saved or logged by this flavor.
 
@@ -595,32 +759,67 @@ def load_model(model_uri, dst_path=None) -> TunixModel:
 
         dst_path: A local directory (it must exist) to download the model into. Default: a new
             temporary directory.
+        allow_code: Load a model that ships code (``code_paths``), names another loader module, or
+            holds files its manifest does not list, and put its code on ``sys.path``. Only for a
+            model you trust. Default: the ``MLFLOW_TUNIX_ALLOW_MODEL_CODE`` environment variable
+            (``1``), else False.
 
     Returns:
-        A :class:`TunixModel`. A missing, truncated, altered or unexpected file raises
-        :class:`~mlflow_tunix.errors.ModelLoadError` naming it.
+        A :class:`TunixModel`. A missing, truncated, altered or unexpected file, code in the model,
+        or (for a registered version) weights other than the registered ones raise
+        :class:`~mlflow_tunix.errors.ModelLoadError` naming the file.
     """
     try:
         local_path = Path(_download_artifact_from_uri(artifact_uri=str(model_uri), output_path=dst_path))
     except (MlflowException, OSError) as exc:  # an unknown run, model, version or alias; a missing path
         message = exc.message if isinstance(exc, MlflowException) else str(exc)
-        raise ModelLoadError(f"{model_uri}: {message}") from None
-    flavor_conf = _flavor_conf(local_path)
-    _add_code_from_conf_to_system_path(str(local_path), flavor_conf)
-    return _load_from_data_dir(local_path / flavor_conf.get("data", DATA_PATH), flavor_conf)
+        raise ModelLoadError(f"{model_uri}: {' '.join(message.split())[:300]}") from None
+    flavors = _verified(local_path, allow_code)
+    conf = flavors[FLAVOR_NAME]
+    if _code_allowed(allow_code):
+        _add_code_from_conf_to_system_path(str(local_path), conf)
+    loaded = _load_from_data_dir(local_path / conf.get("data", DATA_PATH))
+    if registered := _registered_version(str(model_uri), local_path):
+        _check_registered(*registered, loaded.module)
+    return loaded
+
+
+def _drop_model_code(model_dir: Path) -> list[str]:
+    """Take back what MLflow did before calling _load_pyfunc: it put the model's ``code`` directory
+    on ``sys.path``. Returns the modules already imported from inside the model directory."""
+    inside = str(model_dir.resolve())
+    sys.path[:] = [p for p in sys.path if not (p and os.path.realpath(p).startswith(inside + os.sep))]
+    return sorted(name for name, module in list(sys.modules.items())
+                  if (getattr(module, "__file__", None) or "").startswith(inside + os.sep))
 
 
 def _load_pyfunc(path):
     """
     Load the ``python_function`` implementation; called by ``mlflow.pyfunc.load_model``.
 
+    MLflow has already put the model's ``code`` directory (if MLmodel names one) on ``sys.path``
+    when it calls this; the first thing done here is to check the directory and take it off again,
+    so code shipped in the model can not shadow a module imported from here on (see docs/flavor.md).
+
     Args:
         path: The flavor's data directory (``<model>/tunix``).
     """
     data_dir = Path(path)
-    # pyfunc hands over only the data directory; the MLmodel next to it holds the manifest's hash.
-    flavor_conf = _flavor_conf(data_dir.parent) if (data_dir.parent / MLMODEL_FILE_NAME).is_file() else {}
-    return _TunixPyfuncModel(_load_from_data_dir(data_dir, flavor_conf))
+    model_dir = data_dir.parent
+    allow = _code_allowed(None)
+    if not allow:
+        imported = _drop_model_code(model_dir)
+        if imported:
+            raise ModelLoadError(f"{model_dir}: MLflow imported code from the model directory before mlflow-tunix "
+                                 f"could refuse it ({', '.join(imported[:5])}); {_OPT_IN}")
+    flavors = _verified(model_dir, allow)
+    conf = flavors[FLAVOR_NAME]
+    if data_dir.resolve() != (model_dir / conf.get("data", DATA_PATH)).resolve():
+        raise ModelLoadError(f"{model_dir / MLMODEL_FILE_NAME}: python_function.data and {FLAVOR_NAME}.data differ")
+    loaded = _load_from_data_dir(data_dir)
+    if registered := _registered_version("models:/", model_dir):
+        _check_registered(*registered, loaded.module)
+    return _TunixPyfuncModel(loaded)
 
 
 # --------------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def test_a_loaded_model_saves_again_identically(tiny, saved, tmp_path):
     same_params(tiny.module, again.module)
     assert again.generation == GENERATION
     manifest = lambda p: json.loads((p / "tunix" / "manifest.json").read_text())  # noqa: E731
-    assert manifest(tmp_path / "again")["files"]["model.safetensors"] == manifest(saved)["files"]["model.safetensors"]
+    weights = "tunix/model.safetensors"
+    assert manifest(tmp_path / "again")["files"][weights] == manifest(saved)["files"][weights]
 
 
 @pytest.mark.parametrize("kind", ["runs", "logged_model", "version", "alias"])
@@ -157,7 +158,8 @@ def test_layout_flavor_section_and_no_pickle(saved, tiny):
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow_tunix.flavor"
 
     manifest = json.loads((saved / "tunix" / "manifest.json").read_text())["files"]
-    assert sorted(manifest) == sorted(f[len("tunix/"):] for f in files if f.startswith("tunix/") and not f.endswith("manifest.json"))
+    # Every file of the model directory but MLmodel (which records the manifest's own sha256).
+    assert sorted(manifest) == sorted(f for f in files if f not in ("MLmodel", "tunix/manifest.json"))
     assert all(len(entry["sha256"]) == 64 for entry in manifest.values())
     assert json.loads((saved / "tunix" / "generation.json").read_text())["max_new_tokens"] == 12
 
@@ -234,7 +236,7 @@ def test_missing_and_unexpected_files_are_refused(saved, tmp_path):
 def test_edited_manifest_is_refused(saved, tmp_path):
     model_dir = copy_of(saved, tmp_path)
     manifest = model_dir / "tunix" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version":  1'))
+    manifest.write_text(manifest.read_text().replace('"format_version": 2', '"format_version":  2'))
     with pytest.raises(ModelLoadError, match=r"manifest\.json: altered"):
         flavor.load_model(model_dir)
 
@@ -242,7 +244,7 @@ def test_edited_manifest_is_refused(saved, tmp_path):
 def test_newer_format_is_refused(saved, tmp_path):
     model_dir = copy_of(saved, tmp_path)
     mlmodel = model_dir / "MLmodel"
-    mlmodel.write_text(mlmodel.read_text().replace("format_version: 1", "format_version: 99"))
+    mlmodel.write_text(mlmodel.read_text().replace("format_version: 2", "format_version: 99"))
     with pytest.raises(ModelLoadError, match="format version 99"):
         flavor.load_model(model_dir)
 

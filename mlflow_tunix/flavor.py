@@ -104,6 +104,9 @@ REQUEST_PARAMS = {"max_new_tokens": "long", "temperature": "double", "top_k": "l
 # One request may not ask for more than this many generations: a server answers within a bounded
 # time and memory; bigger jobs belong in batch scoring, split into requests.
 MAX_PROMPTS_PER_REQUEST = 256
+# A prompt longer than this is refused before it is tokenized (tokenizing a megabyte costs seconds,
+# and it could never fit a context: a token is at least one character).
+MAX_PROMPT_CHARS = 65536
 OUTPUT_COLUMNS = ("completion", "answer", "reasoning")
 
 # Keyword arguments that mlflow.models.Model.log may forward to save_model and that we ignore.
@@ -230,7 +233,10 @@ def _default_signature(generation: GenerationConfig) -> ModelSignature:
     three text columns out, and the request options with the model's own defaults."""
     params = ParamSchema([ParamSpec(name, kind, getattr(generation, name)) for name, kind in REQUEST_PARAMS.items()])
     return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
+        # No input schema: MLflow would cast request values to its type before predict sees them ([123]
+        # becomes ["123"]) and keep only the first column of a DataFrame. Without one, the input arrives
+        # as sent and _prompts_from is the one judge of it.
+        inputs=None,
         outputs=Schema(
             [
                 ColSpec("string", "completion"),
@@ -834,28 +840,45 @@ class _InvalidRequest(InputError, MlflowException):
     """
 
     def __init__(self, message: str):
+        self._own = message
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    # MLflow's scoring server rewrites the message to "Failed to predict data '<the whole request>'.
+    # Error: <ours>": a megabyte request would come back in the 400. Keep a short prefix of it.
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        own = getattr(self, "_own", value)
+        self._message = value if len(value) <= len(own) + 200 else f"{value[:120]}... {own}"
+
+
+def _columns(data: pd.DataFrame) -> str:
+    names = [str(c)[:40] for c in list(data.columns)[:20]]
+    return ", ".join(names) + (f", ... ({len(data.columns)} columns)" if len(data.columns) > 20 else "") or "none"
 
 
 def _prompts_from(data) -> list[str]:
-    """The prompts in a pyfunc input: a DataFrame with a ``prompt`` column, a list of strings,
-    a string, or ``{"prompt": str | [str]}``."""
+    """The prompts in a pyfunc input: a DataFrame with a ``prompt`` column (or with exactly one column,
+    whatever its name, as MLflow's own clients send a list), a list of strings, a string, or
+    ``{"prompt": str | [str]}``."""
     if isinstance(data, str):
         prompts = [data]
     elif isinstance(data, dict):
         if "prompt" not in data:
-            raise InputError(f"the request has no 'prompt' key (got keys: {', '.join(map(str, data)) or 'none'})")
+            raise InputError(f"the request has no 'prompt' key (got keys: {', '.join(str(k)[:40] for k in list(data)[:20]) or 'none'})")
         value = data["prompt"]
         prompts = [value] if isinstance(value, str) else list(np.asarray(value, dtype=object).reshape(-1))
     elif isinstance(data, pd.DataFrame):
         if "prompt" in data.columns:
             prompts = data["prompt"].tolist()
-        elif list(data.columns) == [0]:  # what MLflow makes of a plain string or list of strings
-            prompts = data[0].tolist()
+        elif len(data.columns) == 1:  # a list or a one-column table: the prompts, whatever the column's name
+            prompts = data.iloc[:, 0].tolist()
         else:
-            raise InputError(
-                f"the input has no 'prompt' column (got columns: {', '.join(map(str, data.columns)) or 'none'})"
-            )
+            raise InputError(f"the input has no 'prompt' column (got columns: {_columns(data)}); "
+                             f"with several columns, the prompts must be in one named 'prompt'")
         # MLflow turns {"prompt": [a, b]} into ONE row whose cell is the list: unpack it.
         if prompts and all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
             prompts = [q for p in prompts for q in np.asarray(p, dtype=object).reshape(-1)]
@@ -874,9 +897,12 @@ def _prompts_from(data) -> list[str]:
         )
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
-            raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__} {prompt!r}")
+            raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__} {_short(prompt, 40)}")
         if not prompt.strip():
             raise InputError(f"prompt {i} is blank")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InputError(f"prompt {i} has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed "
+                             f"(no model's context holds more)")
     return prompts
 
 
@@ -892,8 +918,8 @@ class _TunixPyfuncModel:
     def predict(self, data, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """
         Args:
-            data: A DataFrame with a ``prompt`` column, a list of strings, a string, or
-                ``{"prompt": str | [str]}``; at most 256 prompts.
+            data: A DataFrame with a ``prompt`` column (or exactly one column, whatever its name),
+                a list of strings, a string, or ``{"prompt": str | [str]}``; at most 256 prompts.
             params: ``max_new_tokens``, ``temperature``, ``top_k``, ``seed`` for this request.
 
         Returns:
@@ -904,4 +930,10 @@ class _TunixPyfuncModel:
             results = self.model.generate(_prompts_from(data), **(params or {}))
         except InputError as exc:
             raise _InvalidRequest(str(exc)) from exc
-        return pd.DataFrame(results, columns=list(OUTPUT_COLUMNS))
+        return _results_frame(results)
+
+
+def _results_frame(results: list[dict]) -> pd.DataFrame:
+    # Object columns: pandas 3 infers a string dtype whose missing value is NaN, and NaN is not JSON
+    # (a served answer would read `"answer": NaN`); an object column keeps None, served as null.
+    return pd.DataFrame({c: pd.Series([r[c] for r in results], dtype=object) for c in OUTPUT_COLUMNS})

@@ -72,9 +72,18 @@ from mlflow.utils.model_utils import _add_code_from_conf_to_system_path, _valida
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from mlflow_tunix.data import parse_answer, parse_reasoning, render_prompt
-from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
+from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError, short
 from mlflow_tunix.generate import GenerationConfig, generate_text, request_error
-from mlflow_tunix.model import ModelConfig, Transformer, build_model, flat_params, param_count, params_sha256
+from mlflow_tunix.model import (
+    ModelConfig,
+    Transformer,
+    build_model,
+    check_memory,
+    check_param_shapes,
+    flat_params,
+    param_count,
+    params_sha256,
+)
 from mlflow_tunix.tokenizer import load_tokenizer
 
 FLAVOR_NAME = "mlflow_tunix"
@@ -554,12 +563,6 @@ def _code_allowed(allow_code: bool | None) -> bool:
     return bool(allow_code)
 
 
-def _short(value, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a whole hostile value."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
-
-
 def _read_small(path: Path, limit: int = MAX_METADATA_BYTES) -> bytes:
     """The bytes of a metadata file (MLmodel, manifest, a config), refused when not a regular file or too big."""
     if path.is_symlink() or not path.is_file():
@@ -575,7 +578,7 @@ def _inside(model_dir: Path, relative, where: str) -> Path:
     """``model_dir / relative``, refused unless ``relative`` is a plain relative path below it."""
     parts = Path(relative).parts if isinstance(relative, str) else ()
     if not parts or Path(relative).is_absolute() or ".." in parts or "\\" in relative:
-        raise ModelLoadError(f"{where}: {_short(relative)} points outside the model directory")
+        raise ModelLoadError(f"{where}: {short(relative)} points outside the model directory")
     return model_dir / relative
 
 
@@ -597,13 +600,13 @@ def _check_mlmodel(model_dir: Path, allow_code: bool) -> dict:
         if not isinstance(section, dict):
             raise ModelLoadError(f"{mlmodel}: flavor {name!r} is not a mapping")
         if section.get("code") and not allow_code:
-            raise ModelLoadError(f"{mlmodel}: flavor {name!r} ships code ({_short(section['code'])}, from code_paths); "
+            raise ModelLoadError(f"{mlmodel}: flavor {name!r} ships code ({short(section['code'])}, from code_paths); "
                                  f"{_OPT_IN}")
         if "data" in section:
             _inside(model_dir, section["data"], f"{mlmodel}: {name}.data")
     loader = sections[pyfunc.FLAVOR_NAME].get("loader_module", __name__)
     if loader != __name__ and not allow_code:
-        raise ModelLoadError(f"{mlmodel}: loader_module is {_short(loader)}, not {__name__}; {_OPT_IN}")
+        raise ModelLoadError(f"{mlmodel}: loader_module is {short(loader)}, not {__name__}; {_OPT_IN}")
     return flavors
 
 
@@ -614,7 +617,7 @@ def _parse_json(raw: bytes, path: Path):
         keys = [k for k, _ in pairs]
         for key in keys:
             if keys.count(key) > 1:
-                raise ValueError(f"duplicate key {_short(key)}")
+                raise ValueError(f"duplicate key {short(key)}")
         return dict(pairs)
 
     try:
@@ -673,7 +676,7 @@ def _verified(model_dir: Path, allow_code: bool | None) -> dict:
     saved_format = flavors[FLAVOR_NAME].get("format_version", FORMAT_VERSION)
     if not isinstance(saved_format, int) or isinstance(saved_format, bool) or saved_format > FORMAT_VERSION:
         raise ModelLoadError(
-            f"{model_dir}: saved in format version {_short(saved_format)}, newer than this mlflow-tunix "
+            f"{model_dir}: saved in format version {short(saved_format)}, newer than this mlflow-tunix "
             f"reads ({FORMAT_VERSION}); upgrade mlflow-tunix"
         )
     if saved_format < 2 and not allow:
@@ -689,7 +692,7 @@ def _read_dataclass(cls, path: Path):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ModelLoadError(f"{path}: unknown key {unknown[0]!r} (this mlflow-tunix knows: {', '.join(sorted(known))})")
+        raise ModelLoadError(f"{path}: unknown key {short(unknown[0])} (this mlflow-tunix knows: {', '.join(sorted(known))})")
     try:
         return cls(**values)
     except ConfigError as exc:
@@ -698,18 +701,26 @@ def _read_dataclass(cls, path: Path):
 
 def _load_from_data_dir(data_dir: Path) -> TunixModel:
     """Build the model from a data directory that _verified has checked."""
+    import safetensors
     import safetensors.numpy
 
     config = _read_dataclass(ModelConfig, data_dir / CONFIG_FILE)
     generation = _read_dataclass(GenerationConfig, data_dir / GENERATION_FILE)
-    try:
-        weights = safetensors.numpy.load_file(str(data_dir / WEIGHTS_FILE))
+    weights_path = data_dir / WEIGHTS_FILE
+    try:  # before anything is allocated: the machine can hold it, and the header matches the config
+        check_memory(config)
+        with safetensors.safe_open(str(weights_path), framework="numpy") as f:
+            header = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        check_param_shapes(config, header)
+        weights = safetensors.numpy.load_file(str(weights_path))
+    except (ConfigError, ModelLoadError) as exc:
+        raise ModelLoadError(f"{weights_path}: {exc}") from None
     except Exception as exc:  # safetensors raises its own SafetensorError on a malformed header
-        raise ModelLoadError(f"{data_dir / WEIGHTS_FILE}: unreadable safetensors file ({exc})") from exc
+        raise ModelLoadError(f"{weights_path}: unreadable safetensors file ({str(exc)[:200]})") from None
     try:
         module = build_model(config, params=weights)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{data_dir / WEIGHTS_FILE}: {exc}") from exc
+    except (ConfigError, ModelLoadError) as exc:
+        raise ModelLoadError(f"{weights_path}: {exc}") from exc
     tokenizer = load_tokenizer(data_dir / TOKENIZER_DIR)
     return TunixModel(module=module, tokenizer=tokenizer, generation=generation)
 
@@ -897,7 +908,7 @@ def _prompts_from(data) -> list[str]:
         )
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
-            raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__} {_short(prompt, 40)}")
+            raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__} {short(prompt, 40)}")
         if not prompt.strip():
             raise InputError(f"prompt {i} is blank")
         if len(prompt) > MAX_PROMPT_CHARS:

@@ -213,7 +213,9 @@ def test_weights_changed_after_registration_are_refused(tiny, tracking_uri, tmp_
     forge(location)
 
     flavor.load_model(str(location))  # the directory alone is consistent: integrity is not authenticity
-    for load in (flavor.load_model, mlflow.pyfunc.load_model):
-        with pytest.raises(ModelLoadError, match=r"models:/trusted/1: the weights' sha256 \w+\.\.\. differs from "
-                                                 r"the version's params_sha256 tag \w+\.\.\."):
-            load("models:/trusted/1")
+    mlflow.MlflowClient().set_registered_model_alias("trusted", "champion", "1")
+    for uri in ("models:/trusted/1", "models:/trusted@champion"):
+        for load in (flavor.load_model, mlflow.pyfunc.load_model):
+            with pytest.raises(ModelLoadError, match=r"models:/trusted/1: the weights' sha256 \w+\.\.\. differs "
+                                                     r"from the version's params_sha256 tag \w+\.\.\."):
+                load(uri)

@@ -103,7 +103,8 @@ ALLOW_CODE_ENV = "MLFLOW_TUNIX_ALLOW_MODEL_CODE"
 _OPT_IN = (f"mlflow-tunix runs no code from a model directory; for a model you trust, pass allow_code=True "
            f"to mlflow_tunix.load_model or set {ALLOW_CODE_ENV}=1")
 # What MLflow writes into a model directory after the save (none of it is executed): MLflow's
-# download of a models:/NAME/VERSION URI adds the name and version.
+# download of a models:/NAME/VERSION URI adds the name and version (with a local artifact store, into
+# the stored directory itself). Never listed in the manifest.
 _REGISTERED_MODEL_META = "registered_model_meta"
 _MLFLOW_ADDED_FILES = {_REGISTERED_MODEL_META}
 MAX_METADATA_BYTES = 16 << 20  # MLmodel, the manifest and the JSON configs are read whole: bound them
@@ -331,7 +332,7 @@ def _write_manifest(root: Path, flavors: dict) -> str:
     files = {
         name: {"sha256": _sha256(root / name), "bytes": (root / name).stat().st_size}
         for name in _files_under(root)
-        if name != MLMODEL_FILE_NAME
+        if name != MLMODEL_FILE_NAME and name not in _MLFLOW_ADDED_FILES
     }
     _write_json(manifest_path, {"format_version": FORMAT_VERSION, "files": files, "mlmodel": _trusted_fields(flavors)})
     return _sha256(manifest_path)
@@ -656,6 +657,8 @@ def _check_files(model_dir: Path, flavors: dict, allow_code: bool) -> None:
 
     for name, (size, sha256) in sorted(listed.items()):
         path = _inside(model_dir, name, f"{manifest_path}: entry")
+        if name in _MLFLOW_ADDED_FILES:
+            continue  # rewritten by MLflow at every download from the registry (a local store: in place)
         if path.is_symlink() or not path.is_file():
             raise ModelLoadError(f"{path}: " + ("missing; the model is incomplete" if not path.exists() else "not a regular file"))
         actual = path.stat().st_size

@@ -325,14 +325,17 @@ def leaderboard(model_name, metric, eval_digest, stage, top, fmt):
 @click.option("--version", default=None, help="The version to promote ('best' = --best).")
 @click.option("--best", is_flag=True, help="Promote the version ranked first by --metric.")
 @click.option("--metric", default="answer_accuracy", show_default=True, help="Eval metric compared with the champion.")
-@click.option("--max-regression", type=click.FloatRange(min=0.0), default=0.05, show_default=True,
-              help="Refuse a challenger worse than the champion by more than this relative margin.")
+@click.option("--max-regression", type=float, default=0.05, show_default=True,
+              help="Refuse a challenger worse than the champion by more than this relative margin (0 to 1).")
+@click.option("--wait", "wait", type=click.FloatRange(min=0.0, max=1e6), default=600.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for another registration or promotion of this model.")
 @_one_line_errors
-def promote(model_name, version, best, metric, max_regression):
+def promote(model_name, version, best, metric, max_regression, wait):
     """Move a version to Production and the `champion` alias.
 
     The previous Production version is archived. A challenger evaluated on another eval set than the
-    champion, or worse than it by more than --max-regression, is refused.
+    champion, or worse than it by more than --max-regression, is refused. Scores are the metrics the
+    versions' runs logged; a version whose metric.<name> tag says otherwise is refused.
     """
     from mlflow_tunix import registry
 
@@ -340,7 +343,8 @@ def promote(model_name, version, best, metric, max_regression):
         version, best = None, True
     if bool(version) == bool(best):
         raise click.UsageError("give exactly one of --version V or --best")
-    result = registry.promote(model_name, version=version, best=best, metric=metric, max_regression=max_regression)
+    result = registry.promote(model_name, version=version, best=best, metric=metric, max_regression=max_regression,
+                              wait=wait)
     click.echo(result.message)
 
 

@@ -13,6 +13,7 @@ the pure form::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -23,7 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
+from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError, short
+
+# Ceilings on a config's sizes: far above any model trained on this package's CPUs (or read from a
+# Hugging Face checkpoint), low enough that a typo (d_model: 1e9) is refused before anything is built.
+# Within them, check_memory compares the estimated memory with what the machine has.
+MAX_SIZES = {"vocab_size": 1 << 20, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "d_ff": 1 << 18,
+             "max_seq_len": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,9 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"model.{name} must be a positive integer, got {short(value)}")
+            if value > MAX_SIZES[name]:
+                raise ConfigError(f"model.{name} must be at most {MAX_SIZES[name]}, got {value}")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
@@ -214,36 +223,92 @@ class Transformer(nnx.Module):
         ]
 
 
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight of a model with this config, without building it.
+
+    Shapes come from an abstract one-layer model, repeated for each block: ``nnx.eval_shape`` of the
+    whole model grows with the square of n_layers (5 s at 64 layers), this grows linearly.
+    """
+    abstract = nnx.eval_shape(lambda: Transformer(dataclasses.replace(config, n_layers=1), rngs=nnx.Rngs(0)))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name, shape = _dotted(path), tuple(var.shape)
+        if name.startswith("blocks.0."):
+            for i in range(config.n_layers):
+                shapes[f"blocks.{i}.{name[len('blocks.0.'):]}"] = shape
+        else:
+            shapes[name] = shape
+    return shapes
+
+
+def check_param_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Weights named and shaped as this config's model needs, else ModelLoadError naming the first
+    missing, unexpected or misshapen one (called on a safetensors header, before anything is loaded)."""
+    expected = param_shapes(config)
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        raise ModelLoadError(f"unexpected parameter {short(unexpected[0])} for this {config.family} model config "
+                             f"(n_layers={config.n_layers})")
+    for key, shape in expected.items():
+        if key not in shapes:
+            raise ModelLoadError(f"missing parameter {key!r} (model config n_layers={config.n_layers})")
+        if tuple(shapes[key]) != shape:
+            raise ModelLoadError(
+                f"parameter {key!r} has shape {tuple(shapes[key])}, expected {shape} from the model config"
+            )
+
+
+def memory_estimate(config: ModelConfig, *, batch_size: int = 1, training: bool = False) -> int:
+    """Bytes a model with this config needs, roughly: float32 weights (with gradients and two Adam moments
+    when training, or the file's copy while loading) plus the activations of one batch at full length."""
+    n_params = sum(math.prod(shape) for shape in param_shapes(config).values())
+    T, L = config.max_seq_len, config.n_layers
+    per_layer = batch_size * T * (6 * config.d_model + 3 * config.d_ff + config.n_heads * T)
+    activations = 4 * (L * per_layer * (2 if training else 1) + batch_size * T * config.vocab_size * (3 if training else 1))
+    return n_params * (16 if training else 8) + activations
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(config: ModelConfig, *, batch_size: int = 1, training: bool = False) -> None:
+    """ConfigError (one line: how much it would need) when the model cannot fit in available memory."""
+    need, have = memory_estimate(config, batch_size=batch_size, training=training), available_memory()
+    if have is not None and need > have:
+        doing = f"training with batch_size {batch_size}" if training else "loading"
+        raise ConfigError(f"model: {doing} this model would need about {need / 2**30:.1f} GiB of memory "
+                          f"(d_model={config.d_model}, n_layers={config.n_layers}, vocab_size={config.vocab_size}); "
+                          f"{have / 2**30:.1f} GiB are available")
+
+
 def build_model(
     config: ModelConfig, *, seed: int = 0, params: Mapping[str, np.ndarray] | None = None
 ) -> Transformer:
     """Build a Transformer: randomly initialised from seed, or with the given weights.
 
     params is a flat dict as returned by flat_params. A missing or unexpected key, or a shape
-    that does not match the config, raises ModelLoadError naming the key.
+    that does not match the config, raises ModelLoadError naming the key. A model that would not
+    fit in the machine's memory raises ConfigError before anything is allocated.
     """
+    check_memory(config)
+    if params is not None:
+        check_param_shapes(config, {k: np.shape(v) for k, v in params.items()})
+    # Built for real (linear in n_layers, unlike an abstract nnx.eval_shape), then filled with the weights.
+    model = Transformer(config, rngs=nnx.Rngs(seed))
     if params is None:
-        return Transformer(config, rngs=nnx.Rngs(seed))
-
-    # Build only the shapes (no random init), then fill them with the given weights.
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
-    graphdef, state = nnx.split(abstract, nnx.Param)
-    expected = {_dotted(path): var for path, var in nnx.to_flat_state(state)}
-    unexpected = sorted(set(params) - set(expected))
-    if unexpected:
-        raise ModelLoadError(f"unexpected parameter {unexpected[0]!r} for this {config.family} model config")
-    loaded = []
-    for path, var in nnx.to_flat_state(state):
-        key = _dotted(path)
-        if key not in params:
-            raise ModelLoadError(f"missing parameter {key!r}")
-        value = np.asarray(params[key])
-        if value.shape != tuple(var.shape):
-            raise ModelLoadError(
-                f"parameter {key!r} has shape {value.shape}, "
-                f"expected {tuple(var.shape)} from the model config"
-            )
-        loaded.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
+        return model
+    graphdef, state = nnx.split(model, nnx.Param)
+    loaded = [(path, var.replace(jnp.asarray(params[_dotted(path)], dtype=var.dtype)))
+              for path, var in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 

@@ -29,8 +29,13 @@ import optax
 from flax import nnx
 
 from mlflow_tunix.checkpoint import Checkpoints, StopOnSignal, TrainingInterrupted, arrays_digest, state_signature
-from mlflow_tunix.errors import ConfigError, TrainingError
+from mlflow_tunix.errors import ConfigError, TrainingError, short
 from mlflow_tunix.tracking import NullTracker, Tracker
+
+
+# Ceilings (documented in docs/design.md): far beyond a CPU run, refused before a run starts.
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 65_536
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,12 @@ class TrainConfig:
                                       ("eval_every", 0, "must be >= 0 (0 = never)")):
             if getattr(self, name) < lowest:
                 raise ConfigError(f"train.{name}: {message}, got {getattr(self, name)}")
+        for name, highest in (("steps", MAX_STEPS), ("batch_size", MAX_BATCH_SIZE)):
+            if getattr(self, name) > highest:
+                raise ConfigError(f"train.{name}: must be at most {highest}, got {getattr(self, name)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            # numpy's and JAX's generators take an unsigned 32-bit seed; -1 used to end in a numpy traceback.
+            raise ConfigError(f"train.seed: must be an integer between 0 and {2**32 - 1}, got {short(self.seed)}")
         for name, lowest, meaning in (("checkpoint_every", 0, " (0 = no checkpoints)"), ("keep_checkpoints", 1, ""),
                                       ("eval_batches", 1, "")):
             value = getattr(self, name)

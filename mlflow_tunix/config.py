@@ -274,7 +274,6 @@ def load_project(config: str, overrides: Mapping[str, Any] | None = None, *, tra
                  eval_data: str | None = None) -> ProjectConfig:
     """Load a project by name or path, apply dotted ``overrides`` (``{"train.steps": 100}``) and data
     files (see :func:`with_data_files`), validate."""
-    import yaml
 
     path = resolve_path(config)
     raw = _read_yaml(path) or {}

@@ -4,7 +4,6 @@ with MLFLOW_TUNIX_UPDATE_SCREENSHOTS=1). Needs the `[tunix]` extra and Chromium 
 
 from __future__ import annotations
 
-import pytest
 
 from conftest import mlflow_server_process
 from test_tunix import tunix_installed, train_tiny  # noqa: F401

@@ -93,6 +93,10 @@ REQUEST_PARAMS = {"max_new_tokens": "long", "temperature": "double", "top_k": "l
 MAX_PROMPTS_PER_REQUEST = 256
 OUTPUT_COLUMNS = ("completion", "answer", "reasoning")
 
+# Family names models were saved with before the families were named after Hugging Face's
+# (mlflow-tunix 0.1 saved the Llama architecture as "tunix-gpt").
+_RENAMED_FAMILIES = {"tunix-gpt": "llama"}
+
 # Keyword arguments that mlflow.models.Model.log may forward to save_model and that we ignore.
 _MLFLOW_PASSTHROUGH_KWARGS = {"validate_serving_input", "uv_project_path", "serialization_format"}
 
@@ -545,6 +549,8 @@ def _read_dataclass(cls, path: Path):
         values = json.loads(path.read_text())
     except ValueError as exc:
         raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    if cls is ModelConfig and isinstance(values, dict) and values.get("family") in _RENAMED_FAMILIES:
+        values["family"] = _RENAMED_FAMILIES[values["family"]]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

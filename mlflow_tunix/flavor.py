@@ -171,7 +171,7 @@ class TunixModel:
             prompts = [prompts]
         config = _generation_with(self.generation, overrides, self.config.max_seq_len)
         texts = generate_text(
-            self.module, self.tokenizer, [render_prompt(p, config.prompt_template) for p in prompts], config
+            self.module, self.tokenizer, [render_prompt(p, config.prompt_template, self.tokenizer) for p in prompts], config
         )
         return [{"completion": t, "answer": parse_answer(t), "reasoning": parse_reasoning(t)} for t in texts]
 

@@ -48,6 +48,9 @@ class ModelConfig:
     family: str = "llama"  # one of FAMILIES
     n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
     head_dim: int | None = None  # width of one head; None: d_model // n_heads
+    # A local Hugging Face folder to start from (mlflow_tunix.hf): its architecture, weights and
+    # tokenizer replace the fields above (max_seq_len caps its context) and tokenizer training.
+    init_from: str | None = None
 
     def __post_init__(self):
         def check_positive(*names):

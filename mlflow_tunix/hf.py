@@ -237,8 +237,9 @@ class _StreamedWeights(Mapping):
             raise ModelLoadError(f"{file}: missing (listed in {INDEX_FILE})")
         if file not in self._open:
             self._open.clear()  # one shard open at a time
-            self._open[file] = safe_open(str(file), framework="flax")
-        value = self._open[file].get_tensor(theirs).astype(self.dtype)
+            self._open[file] = safe_open(str(file), framework="numpy")
+        # A numpy view, cast only if needed: build_model's jnp.asarray makes the one copy that stays.
+        value = self._open[file].get_tensor(theirs).astype(self.dtype, copy=False)
         return value.T if transposed else value
 
     def shape_of(self, ours: str) -> tuple[str, tuple]:

@@ -83,6 +83,9 @@ def _project_options(fn):
         click.option("--train-data", type=str, default="", help="JSONL file that replaces the project's training data; "
                      "without --eval-data a seeded 90/10 split holds out the eval set."),
         click.option("--eval-data", type=str, default="", help="JSONL file that replaces the project's eval set."),
+        click.option("--init-from", type=str, default="", metavar="DIR",
+                     help="Start from this local Hugging Face checkpoint folder (Llama, Qwen2, Qwen3): its "
+                          "architecture, weights and tokenizer replace the project's model and tokenizer."),
         click.option("--steps", type=WHOLE, default=0, help="Training steps (0: the project's own)."),
         click.option("--seed", type=WHOLE, default=None, help="Training seed: initial weights and batch order."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -95,7 +98,9 @@ def _project_options(fn):
     return fn
 
 
-def _load(config, train_data, eval_data, steps, seed, overrides, registered_model_name):
+def _load(config, train_data, eval_data, init_from, steps, seed, overrides, registered_model_name):
+    from pathlib import Path
+
     from mlflow_tunix.config import load_project
 
     values = {}
@@ -104,6 +109,9 @@ def _load(config, train_data, eval_data, steps, seed, overrides, registered_mode
         if not sep:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
         values[key.strip()] = _yaml_value(value)
+    if _opt(init_from):
+        # A folder given on the command line is relative to where the command runs; a hub id stays as given.
+        values["model.init_from"] = str(Path(init_from).absolute()) if Path(init_from).is_dir() else init_from
     if steps:
         values["train.steps"] = steps
     if seed is not None:
@@ -130,7 +138,7 @@ def _resume_option(fn):
 
 
 # What each project option holds when not given (MLproject passes these, as "" or 0).
-_NOT_GIVEN = {"config": ("addition", ""), "train_data": ("",), "eval_data": ("",), "steps": (0,),
+_NOT_GIVEN = {"config": ("addition", ""), "train_data": ("",), "eval_data": ("",), "init_from": ("",), "steps": (0,),
               "seed": (None, 0), "overrides": ((),), "registered_model_name": ("",)}
 
 
@@ -164,7 +172,7 @@ def _train_command(fn_name, resume, no_progress, options):
 @_project_options
 @_resume_option
 @_one_line_errors
-def run(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress, resume):
+def run(config, train_data, eval_data, init_from, steps, seed, overrides, registered_model_name, no_progress, resume):
     """The whole job: data -> train -> evaluate -> log the model -> register it.
 
     Logs params, the loss curve, both datasets, eval metrics, every generated answer (as a table)
@@ -173,7 +181,8 @@ def run(config, train_data, eval_data, steps, seed, overrides, registered_model_
     stopped, to the same weights an uninterrupted run would have.
     """
     _train_command("run_main", resume, no_progress, dict(
-        config=config, train_data=train_data, eval_data=eval_data, steps=steps, seed=seed, overrides=overrides,
+        config=config, train_data=train_data, eval_data=eval_data, init_from=init_from, steps=steps, seed=seed,
+        overrides=overrides,
         registered_model_name=registered_model_name))
 
 
@@ -181,13 +190,14 @@ def run(config, train_data, eval_data, steps, seed, overrides, registered_model_
 @_project_options
 @_resume_option
 @_one_line_errors
-def train(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress, resume):
+def train(config, train_data, eval_data, init_from, steps, seed, overrides, registered_model_name, no_progress, resume):
     """Train a project and log the trained model (no generation eval, no registration).
 
     `--resume RUN_ID` continues a run that stopped, from its newest checkpoint.
     """
     _train_command("run_train", resume, no_progress, dict(
-        config=config, train_data=train_data, eval_data=eval_data, steps=steps, seed=seed, overrides=overrides,
+        config=config, train_data=train_data, eval_data=eval_data, init_from=init_from, steps=steps, seed=seed,
+        overrides=overrides,
         registered_model_name=registered_model_name))
 
 
@@ -224,6 +234,25 @@ def evaluate(model_uri, eval_data, no_progress):
     from mlflow_tunix.pipeline import run_evaluate
 
     run_evaluate(model_uri, eval_data=_opt(eval_data), progress=not no_progress)
+
+
+@main.command()
+@click.argument("model_uri")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (must not exist, or be empty).")
+@_one_line_errors
+def export(model_uri, out):
+    """Write the logged model MODEL_URI as a Hugging Face checkpoint folder --out.
+
+    MODEL_URI is any URI `mlflow_tunix.load_model` takes (models:/NAME/VERSION, models:/NAME@champion,
+    runs:/RUN/NAME, a local path). The folder holds config.json (LlamaForCausalLM, Qwen2ForCausalLM or
+    Qwen3ForCausalLM), model.safetensors with Hugging Face tensor names, the tokenizer and
+    generation_config.json: transformers, vLLM and llama.cpp's converter read it.
+    """
+    from mlflow_tunix import flavor, hf
+
+    path = hf.export_hf(flavor.load_model(model_uri), out)
+    click.echo(f"wrote {path}")
 
 
 @main.command("projects")

@@ -315,6 +315,8 @@ def validate(cfg: ProjectConfig) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data: give a file (train_data) or a generator")
     g, m = cfg.generation, cfg.model
+    if cfg.data.template == "chat" and not m.init_from:
+        raise ConfigError("data.template: 'chat' renders prompts with a checkpoint's chat template; set model.init_from")
     if g.max_new_tokens >= m.max_seq_len:
         raise ConfigError(f"generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in "
                           f"model.max_seq_len={m.max_seq_len}")

@@ -33,6 +33,7 @@ TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 TEMPLATES = {
     "plain": "{prompt}\n",
     "gemma": "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n",
+    "chat": None,  # the tokenizer's own chat template (a checkpoint's: model.init_from)
 }
 TEMPLATE_SPECIAL_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
@@ -67,9 +68,16 @@ def check_template(name: str, key: str = "template") -> None:
         raise ConfigError(f"{key}: {name!r} is not one of {', '.join(TEMPLATES)}")
 
 
-def render_prompt(prompt: str, template: str = "plain") -> str:
-    """The text the model sees before its completion."""
+def render_prompt(prompt: str, template: str = "plain", tokenizer=None) -> str:
+    """The text the model sees before its completion (``chat``: as the tokenizer's chat template
+    renders one user turn, ready for the assistant's answer)."""
     check_template(template)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("template 'chat': the tokenizer has no chat template (it comes with a checkpoint: "
+                              "model.init_from)")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
     return TEMPLATES[template].format(prompt=prompt)
 
 

@@ -73,7 +73,7 @@ def score(examples: Sequence[Example], completions: Sequence[str], new_tokens: S
 def evaluate(model, tokenizer, examples: Sequence[Example], generation: GenerationConfig, *,
              progress: bool = True) -> EvalResult:
     """Generate a completion for every example with greedy (or configured) KV-cache decoding and score it."""
-    prompts = [render_prompt(ex.prompt, generation.prompt_template) for ex in examples]
+    prompts = [render_prompt(ex.prompt, generation.prompt_template, tokenizer) for ex in examples]
     completions = generate_text(model, tokenizer, prompts, generation, progress=progress)
     new_tokens = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
     return score(examples, completions, new_tokens)

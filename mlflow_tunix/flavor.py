@@ -107,6 +107,11 @@ _OPT_IN = (f"mlflow-tunix runs no code from a model directory; for a model you t
 # the stored directory itself). Never listed in the manifest.
 _REGISTERED_MODEL_META = "registered_model_meta"
 _MLFLOW_ADDED_FILES = {_REGISTERED_MODEL_META}
+# Models saved in format 1 (mlflow-tunix 0.1) keep loading: their manifest covers the data directory, and
+# beside it only these files MLflow writes may stand (no code, no other loader: MLmodel is checked for those).
+# What format 1 cannot show is an edit of MLmodel's own values; docs/flavor.md says so.
+_FORMAT_1_MLFLOW_FILES = {"conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
+                          "serving_input_example.json"}
 MAX_METADATA_BYTES = 16 << 20  # MLmodel, the manifest and the JSON configs are read whole: bound them
 
 # The prediction options a request may set (the signature's ParamSchema), and their MLflow types.
@@ -118,6 +123,10 @@ MAX_PROMPTS_PER_REQUEST = 256
 # and it could never fit a context: a token is at least one character).
 MAX_PROMPT_CHARS = 65536
 OUTPUT_COLUMNS = ("completion", "answer", "reasoning")
+
+# Family names models were saved with before the families were named after Hugging Face's
+# (mlflow-tunix 0.1 saved the Llama architecture as "tunix-gpt").
+_RENAMED_FAMILIES = {"tunix-gpt": "llama"}
 
 # Keyword arguments that mlflow.models.Model.log may forward to save_model and that we ignore.
 _MLFLOW_PASSTHROUGH_KWARGS = {"validate_serving_input", "uv_project_path", "serialization_format"}
@@ -193,7 +202,7 @@ class TunixModel:
             prompts = [prompts]
         config = _generation_with(self.generation, overrides, self.config.max_seq_len)
         texts = generate_text(
-            self.module, self.tokenizer, [render_prompt(p, config.prompt_template) for p in prompts], config
+            self.module, self.tokenizer, [render_prompt(p, config.prompt_template, self.tokenizer) for p in prompts], config
         )
         return [{"completion": t, "answer": parse_answer(t), "reasoning": parse_reasoning(t)} for t in texts]
 
@@ -667,8 +676,10 @@ def _check_files(model_dir: Path, flavors: dict, allow_code: bool) -> None:
         if _sha256(path) != sha256:
             raise ModelLoadError(f"{path}: altered (sha256 differs from {MANIFEST_FILE})")
     known = set(listed) | {MLMODEL_FILE_NAME, f"{data_rel}/{MANIFEST_FILE}", *_MLFLOW_ADDED_FILES}
+    if not whole_directory:  # format 1 listed the data directory only: beside it, only what MLflow itself writes
+        known |= _FORMAT_1_MLFLOW_FILES
     for name in _files_under(model_dir):  # also refuses symlinks and special files anywhere
-        if name not in known and not allow_code and (whole_directory or name.startswith(f"{data_rel}/")):
+        if name not in known and not allow_code:
             raise ModelLoadError(f"{model_dir / name}: not listed in {MANIFEST_FILE}; refusing a model with unknown files")
 
 
@@ -682,9 +693,6 @@ def _verified(model_dir: Path, allow_code: bool | None) -> dict:
             f"{model_dir}: saved in format version {short(saved_format)}, newer than this mlflow-tunix "
             f"reads ({FORMAT_VERSION}); upgrade mlflow-tunix"
         )
-    if saved_format < 2 and not allow:
-        raise ModelLoadError(f"{model_dir}: saved in format version {saved_format}, whose manifest does not cover the "
-                             f"whole model directory; if you trust it, load it with allow_code=True and save it again")
     _check_files(model_dir, flavors, allow)
     return flavors
 
@@ -692,6 +700,8 @@ def _read_dataclass(cls, path: Path):
     values = _parse_json(_read_small(path), path)
     if not isinstance(values, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    if cls is ModelConfig and values.get("family") in _RENAMED_FAMILIES:
+        values["family"] = _RENAMED_FAMILIES[values["family"]]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -1,8 +1,10 @@
-"""A small decoder-only transformer in Flax NNX.
+"""A decoder-only transformer in Flax NNX: the Llama architecture and its Qwen2/Qwen3 variants.
 
 Reads top to bottom: the config, RMSNorm, rotary position embeddings, attention, the gated MLP,
 a block, the model, then ``build_model`` (the one place a model is built and its weights loaded)
-and the helpers that turn weights into a flat dict for saving.
+and the helpers that turn weights into a flat dict for saving. The maths is exactly that of
+Hugging Face's ``LlamaForCausalLM``/``Qwen2ForCausalLM``/``Qwen3ForCausalLM``, so their checkpoints
+load into it and every model trained here exports to one (``mlflow_tunix.hf``).
 
 Every weight is an ``nnx.Param`` and there is no other state, so the training step can work on
 the pure form::
@@ -30,7 +32,13 @@ from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError, short
 # Hugging Face checkpoint), low enough that a typo (d_model: 1e9) is refused before anything is built.
 # Within them, check_memory compares the estimated memory with what the machine has.
 MAX_SIZES = {"vocab_size": 1 << 20, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "d_ff": 1 << 18,
-             "max_seq_len": 1 << 20}
+             "max_seq_len": 1 << 20, "n_kv_heads": 1024, "head_dim": 1 << 12}
+
+
+# The architectures a model can have, named as Hugging Face names them. All are Llama-shaped
+# (pre-norm RMSNorm, rotate-half RoPE, SwiGLU MLP, grouped-query attention); they differ in two
+# places: Qwen2 adds biases to the q/k/v projections, Qwen3 RMS-normalises each head of q and k.
+FAMILIES = ("llama", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -44,28 +52,51 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    family: str = "tunix-gpt"  # architecture name saved with the model (for future hf llama/qwen import)
+    family: str = "llama"  # one of FAMILIES
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
+    head_dim: int | None = None  # width of one head; None: d_model // n_heads
+    # A local Hugging Face folder to start from (mlflow_tunix.hf): its architecture, weights and
+    # tokenizer replace the fields above (max_seq_len caps its context) and tokenizer training.
+    init_from: str | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {short(value)}")
-            if value > MAX_SIZES[name]:
-                raise ConfigError(f"model.{name} must be at most {MAX_SIZES[name]}, got {value}")
-        if self.d_model % self.n_heads:
+        def check_size(*names):
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ConfigError(f"model.{name} must be a positive integer, got {short(value)}")
+                if value > MAX_SIZES[name]:
+                    raise ConfigError(f"model.{name} must be at most {MAX_SIZES[name]}, got {value}")
+
+        check_size("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
+                                  f"({self.n_heads}), or give model.head_dim")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        check_size("n_kv_heads", "head_dim")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family: {short(self.family)} is not one of {', '.join(FAMILIES)}")
+        if self.n_heads % self.n_kv_heads:
             raise ConfigError(
-                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
             )
         if self.head_dim % 2:
             # RoPE rotates pairs of features, so each head needs an even width.
-            raise ConfigError(
-                f"model.d_model / model.n_heads must be even for rotary embeddings, got {self.head_dim}"
-            )
+            raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)!r}")
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def qkv_bias(self) -> bool:
+        return self.family == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family == "qwen3"
 
 
 # One entry per layer, each {"k": [B, S, H, Dh], "v": [B, S, H, Dh]}: a plain pytree, so it can
@@ -81,9 +112,13 @@ def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
 
 
+def _zeros(width: int) -> nnx.Param:
+    return nnx.Param(jnp.zeros((width,), jnp.float32))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))  # HF: "weight"
         self.eps = eps
 
     def __call__(self, x):
@@ -106,21 +141,32 @@ def apply_rope(x, sin, cos):
 
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        d = config.d_model
-        self.n_heads = config.n_heads
-        self.head_dim = config.head_dim
-        self.wq = _normal(rngs, (d, d), 0.02)
-        self.wk = _normal(rngs, (d, d), 0.02)
-        self.wv = _normal(rngs, (d, d), 0.02)
+        d, Dh = config.d_model, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, Dh
+        q_width, kv_width = config.n_heads * Dh, config.n_kv_heads * Dh
+        self.wq = _normal(rngs, (d, q_width), 0.02)
+        self.wk = _normal(rngs, (d, kv_width), 0.02)
+        self.wv = _normal(rngs, (d, kv_width), 0.02)
         # GPT-2: scale the projections that write into the residual stream by depth.
-        self.wo = _normal(rngs, (d, d), 0.02 / math.sqrt(2 * config.n_layers))
+        self.wo = _normal(rngs, (q_width, d), 0.02 / math.sqrt(2 * config.n_layers))
+        if config.qkv_bias:  # Qwen2: biases on q, k and v
+            self.bq, self.bk, self.bv = _zeros(q_width), _zeros(kv_width), _zeros(kv_width)
+        else:
+            self.bq = self.bk = self.bv = None
+        # Qwen3: each head of q and k is RMS-normalised before RoPE.
+        self.q_norm = RMSNorm(Dh, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(Dh, config.norm_eps) if config.qk_norm else None
 
     def __call__(self, x2d, B: int, T: int, sin, cos, mask, layer_cache=None, cache_index=None):
         """x2d [B*T, d]; mask bool [B, T, S]. Returns ([B*T, d], new layer cache or None)."""
-        H, Dh = self.n_heads, self.head_dim
-        q = apply_rope((x2d @ self.wq).reshape(B, T, H, Dh), sin, cos)
-        k = apply_rope((x2d @ self.wk).reshape(B, T, H, Dh), sin, cos)
-        v = (x2d @ self.wv).reshape(B, T, H, Dh)
+        H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = x2d @ self.wq, x2d @ self.wk, x2d @ self.wv
+        if self.bq is not None:
+            q, k, v = q + self.bq, k + self.bk, v + self.bv
+        q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
 
         new_cache = None
         if layer_cache is not None:
@@ -131,6 +177,9 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
             new_cache = {"k": k, "v": v}
 
+        if K != H:
+            # Grouped-query attention: each key/value head serves H // K query heads (HF's repeat_kv).
+            k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
         scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, None], scores / math.sqrt(Dh), _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -216,7 +265,7 @@ class Transformer(nnx.Module):
             raise InputError(
                 f"KV cache of {max_len} tokens exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        shape = (batch_size, max_len, self.config.n_heads, self.config.head_dim)
+        shape = (batch_size, max_len, self.config.n_kv_heads, self.config.head_dim)
         return [
             {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(self.config.n_layers)
@@ -291,24 +340,40 @@ def check_memory(config: ModelConfig, *, batch_size: int = 1, training: bool = F
 
 
 def build_model(
-    config: ModelConfig, *, seed: int = 0, params: Mapping[str, np.ndarray] | None = None
+    config: ModelConfig, *, seed: int = 0, params: Mapping[str, np.ndarray] | None = None, dtype=None
 ) -> Transformer:
     """Build a Transformer: randomly initialised from seed, or with the given weights.
 
-    params is a flat dict as returned by flat_params. A missing or unexpected key, or a shape
-    that does not match the config, raises ModelLoadError naming the key. A model that would not
-    fit in the machine's memory raises ConfigError before anything is allocated.
+    params is a flat dict as returned by flat_params (or any mapping with those keys: hf.py
+    passes one that reads each tensor from disk when asked). A missing or unexpected key, or a
+    shape that does not match the config, raises ModelLoadError naming the key. dtype: the dtype
+    the given weights are stored in (default float32). A model that would not fit in the machine's
+    memory raises ConfigError before anything is allocated.
     """
     check_memory(config)
-    if params is not None:
-        check_param_shapes(config, {k: np.shape(v) for k, v in params.items()})
-    # Built for real (linear in n_layers, unlike an abstract nnx.eval_shape), then filled with the weights.
-    model = Transformer(config, rngs=nnx.Rngs(seed))
     if params is None:
-        return model
-    graphdef, state = nnx.split(model, nnx.Param)
-    loaded = [(path, var.replace(jnp.asarray(params[_dotted(path)], dtype=var.dtype)))
-              for path, var in nnx.to_flat_state(state)]
+        return Transformer(config, rngs=nnx.Rngs(seed))
+
+    # Build only the shapes (no random init: a loaded model never holds two copies of its weights),
+    # then fill them with the given weights, one tensor at a time.
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    expected = {_dotted(path): var for path, var in nnx.to_flat_state(state)}
+    unexpected = sorted(set(params) - set(expected))
+    if unexpected:
+        raise ModelLoadError(f"unexpected parameter {short(unexpected[0])} for this {config.family} model config")
+    loaded = []
+    for path, var in nnx.to_flat_state(state):
+        key = _dotted(path)
+        if key not in params:
+            raise ModelLoadError(f"missing parameter {key!r}")
+        value = jnp.asarray(params[key], dtype=dtype or var.dtype)
+        if value.shape != tuple(var.shape):
+            raise ModelLoadError(
+                f"parameter {key!r} has shape {value.shape}, "
+                f"expected {tuple(var.shape)} from the model config"
+            )
+        loaded.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 

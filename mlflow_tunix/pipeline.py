@@ -28,7 +28,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from mlflow_tunix import data as data_mod
-from mlflow_tunix import flavor, generators, registry, runs
+from mlflow_tunix import flavor, generators, hf, registry, runs
 from mlflow_tunix import resume as resume_mod  # (run_main's keyword argument is called resume)
 from mlflow_tunix.config import DataSource, ProjectConfig, from_dict, to_dict
 from mlflow_tunix.errors import DataError, ResumableError, TunixError
@@ -108,7 +108,8 @@ class Prepared:
     tokenizer: Any
     train_tok: TokenizedData
     eval_tok: TokenizedData | None  # None when no eval example has a completion
-    model_cfg: Any  # model.ModelConfig with the tokenizer's vocab_size
+    model_cfg: Any  # model.ModelConfig with the tokenizer's vocab_size, or the checkpoint's
+    init_model: Any = None  # the imported checkpoint's Transformer (model.init_from), else None
 
 
 def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
@@ -117,12 +118,20 @@ def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
 
     Raises DataError (a bad file) or ConfigError (a value that does not fit this data). Starts no
     MLflow run. ``tokenizer``: use this one (a resumed run's own) instead of training one.
+    With ``model.init_from`` the checkpoint brings the architecture, the weights and the tokenizer.
     """
     ds = build_datasets(cfg)
     check_batch_size(cfg.train.batch_size, len(ds.train))
+    model_cfg, init_model = cfg.model, None
+    if cfg.model.init_from:
+        beside_config = Path(cfg.base_dir) / cfg.model.init_from  # a relative folder is relative to the config
+        source = beside_config if beside_config.is_dir() else cfg.model.init_from
+        ckpt = hf.load_checkpoint(source, max_seq_len=cfg.model.max_seq_len)
+        init_model, model_cfg = ckpt.model, ckpt.model.config
+        tokenizer = tokenizer or ckpt.tokenizer
 
     def pairs(examples):
-        return [data_mod.render_prompt(ex.prompt, cfg.data.template) for ex in examples], [ex.completion for ex in examples]
+        return [data_mod.render_prompt(ex.prompt, cfg.data.template, tokenizer) for ex in examples], [ex.completion for ex in examples]
 
     prompts, completions = pairs(ds.train)
     if tokenizer is None:
@@ -132,7 +141,9 @@ def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
     with_completion = [ex for ex in ds.eval if ex.completion is not None]
     eval_tok = (tokenize_pairs(*pairs(with_completion), tokenizer, max_len=max_len, what="held-out example")
                 if with_completion else None)
-    return Prepared(ds, tokenizer, train_tok, eval_tok, dataclasses.replace(cfg.model, vocab_size=len(tokenizer)))
+    if init_model is None:
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=len(tokenizer))
+    return Prepared(ds, tokenizer, train_tok, eval_tok, model_cfg, init_model)
 
 
 # --------------------------------------------------------------------------- the job
@@ -256,7 +267,7 @@ class _Job:
     def train(self, progress: bool):
         """Build the model and train it, checkpointed; metrics go through one MlflowTracker."""
         prep = self.prep
-        model = build_model(prep.model_cfg, seed=self.cfg.train.seed)
+        model = prep.init_model if prep.init_model is not None else build_model(prep.model_cfg, seed=self.cfg.train.seed)
         seq_len = prep.train_tok.tokens.shape[1]
         if not (self.resumed and "model.param_count" in self.target.params):
             MlflowTracker(self.run_id).log_params({"model.vocab_size": prep.model_cfg.vocab_size,

@@ -36,7 +36,7 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
     assert "mlflow>=3.17,<3.18" in deps
 
 
-STAGES = ["data", "tokenizer", "model", "train", "generate", "evaluate", "flavor", "registry"]
+STAGES = ["data", "tokenizer", "model", "hf", "train", "generate", "evaluate", "flavor", "registry"]
 
 
 def test_a_stage_never_imports_a_later_one():

@@ -32,7 +32,7 @@ from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError, short
 # Hugging Face checkpoint), low enough that a typo (d_model: 1e9) is refused before anything is built.
 # Within them, check_memory compares the estimated memory with what the machine has.
 MAX_SIZES = {"vocab_size": 1 << 20, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "d_ff": 1 << 18,
-             "max_seq_len": 1 << 20, "n_kv_heads": 1024, "head_dim": 1 << 12}
+             "max_seq_len": 1 << 20, "n_kv_heads": 1024, "head_dim": 1 << 16}
 
 
 # The architectures a model can have, named as Hugging Face names them. All are Llama-shaped
@@ -351,30 +351,27 @@ def build_model(
     memory raises ConfigError before anything is allocated.
     """
     check_memory(config)
+    # Built for real: linear in n_layers (tracing it abstractly with nnx.eval_shape grows with the square).
+    model = Transformer(config, rngs=nnx.Rngs(seed))
     if params is None:
-        return Transformer(config, rngs=nnx.Rngs(seed))
-
-    # Build only the shapes (no random init: a loaded model never holds two copies of its weights),
-    # then fill them with the given weights, one tensor at a time.
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
-    graphdef, state = nnx.split(abstract, nnx.Param)
-    expected = {_dotted(path): var for path, var in nnx.to_flat_state(state)}
-    unexpected = sorted(set(params) - set(expected))
+        return model
+    weights = {_dotted(path): var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+    unexpected = sorted(set(params) - set(weights))
     if unexpected:
         raise ModelLoadError(f"unexpected parameter {short(unexpected[0])} for this {config.family} model config")
-    loaded = []
-    for path, var in nnx.to_flat_state(state):
-        key = _dotted(path)
+    # One tensor at a time, in place: each random initial value is dropped as its weight arrives, so
+    # a streamed checkpoint is never held twice.
+    for key, var in weights.items():
         if key not in params:
             raise ModelLoadError(f"missing parameter {key!r}")
-        value = jnp.asarray(params[key], dtype=dtype or var.dtype)
+        value = jnp.asarray(params[key], dtype=dtype or var.get_value().dtype)
         if value.shape != tuple(var.shape):
             raise ModelLoadError(
                 f"parameter {key!r} has shape {value.shape}, "
                 f"expected {tuple(var.shape)} from the model config"
             )
-        loaded.append((path, var.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+        var.set_value(value)
+    return model
 
 
 def _dotted(path) -> str:

@@ -166,7 +166,7 @@ def test_mlmodel_data_paths_stay_inside(saved, tmp_path, data):
 def test_an_edited_mlmodel_is_refused(saved, tmp_path):
     model_dir = copy_of(saved, tmp_path)
     mlmodel = model_dir / "MLmodel"
-    mlmodel.write_text(mlmodel.read_text().replace("model_family: tunix-gpt", "model_family: other"))
+    mlmodel.write_text(mlmodel.read_text().replace("model_family: llama", "model_family: other"))
     with pytest.raises(ModelLoadError, match="flavor sections differ from the ones .*manifest.json records"):
         flavor.load_model(model_dir)
 

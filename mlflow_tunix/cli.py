@@ -299,6 +299,33 @@ def data_validate(file, as_json):
             click.echo(f"  {key}: {value}")
 
 
+# --------------------------------------------------------------------------- comparing runs
+@main.command()
+@click.argument("run_ids", nargs=-1, metavar="RUN [RUN ...]")
+@click.option("--parent", default="", metavar="RUN", help="Compare the runs nested under this run (a sweep's trials).")
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Disagreeing items printed (the HTML page has them all).")
+@click.option("--no-log", is_flag=True, help="Print only; log no HTML page.")
+@_one_line_errors
+def compare(run_ids, parent, limit, no_log):
+    """Compare 2 or more runs item by item: params that differ, final metrics side by side, and the
+    eval items where they disagree (right->wrong and wrong->right counted against the first run).
+
+    Prints a table and logs the same as a self-contained HTML page, compare/compare-<ids>.html, to
+    the --parent run (else to the newest run compared): open it in the MLflow UI's Artifacts tab.
+    """
+    from mlflow_tunix import compare as compare_mod
+
+    if bool(run_ids) == bool(parent):
+        raise click.UsageError("give 2 or more RUN ids, or --parent RUN")
+    ids = list(run_ids) or compare_mod.children(parent)
+    result = compare_mod.compare_runs(ids)
+    click.echo(compare_mod.format_text(result, limit=limit))
+    if not no_log:
+        target, path = compare_mod.log_html(result, run_id=parent or None)
+        click.echo(f"\nlogged {path} to run {target}")
+
+
 # --------------------------------------------------------------------------- registry
 @main.command()
 @click.option("--model", "model_name", required=True, help="Registered model name.")

@@ -299,6 +299,49 @@ def data_validate(file, as_json):
             click.echo(f"  {key}: {value}")
 
 
+# --------------------------------------------------------------------------- sweeps
+@main.command()
+@click.option("--config", "config", default="addition", show_default=True, help="A shipped project or a config.yaml.")
+@click.option("--space", "space", required=True, type=str,
+              help="YAML file: dotted config key -> {choice|grid: [values]} or {uniform|loguniform|randint: [low, high]}, "
+                   "e.g. `train.learning_rate: {loguniform: [0.0003, 0.01]}`.")
+@click.option("--trials", type=WHOLE, default=1, show_default=True,
+              help="Samples of the space (each grid point is run this many times).")
+@click.option("--metric", default="answer_accuracy", show_default=True, help="The metric that picks the best trial.")
+@click.option("--mode", type=click.Choice(["max", "min"]), default="max", show_default=True)
+@click.option("--scheduler", type=click.Choice(["asha", "fifo"]), default="asha", show_default=True,
+              help="asha stops trials whose loss lags at 1/4 and 1/2 of training; fifo runs all to the end.")
+@click.option("--max-concurrent", type=WHOLE, default=0, help="Trials at once (0: one per core of the Ray cluster).")
+@click.option("--ray-address", default="", help="Attach to a running Ray cluster (e.g. 127.0.0.1:6379); "
+              "default: a local Ray on this machine. Trials write to MLFLOW_TRACKING_URI (use a server for a cluster).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value in every trial.")
+@click.option("--register-best", is_flag=True, help="Register the best trial's model (it joins the leaderboard).")
+@_one_line_errors
+def sweep(config, space, trials, metric, mode, scheduler, max_concurrent, ray_address, overrides, register_best):
+    """Search a project's config space with Ray Tune; every trial is a full run nested in one sweep run.
+
+    The sweep's parent run holds the space, the scheduler, the best trial's params and metrics and a
+    trials table (sweep/trials.json); each trial trains and evaluates in a child run. Trials stopped
+    early by ASHA end KILLED with a tag saying so; a crashed trial is FAILED and the sweep goes on.
+    Needs the [sweep] extra: pip install 'mlflow-tunix[sweep]'.
+    """
+    from mlflow_tunix.sweep import run_sweep
+
+    values = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        values[key.strip()] = _yaml_value(value)
+    result = run_sweep(_opt(config) or "addition", space, trials=trials, metric=metric, mode=mode, scheduler=scheduler,
+                       max_concurrent=max_concurrent or None, ray_address=_opt(ray_address),
+                       register_best=register_best, overrides=values)
+    best = result.best
+    click.echo(f"sweep run {result.parent_run_id}: {len(result.trials)} trials; best: "
+               + (f"{best['run_id']} {metric}={best[metric]:.4g}" if best else "none finished")
+               + (f"; registered version {result.registered_version}" if result.registered_version else ""))
+
+
 # --------------------------------------------------------------------------- comparing runs
 @main.command()
 @click.argument("run_ids", nargs=-1, metavar="RUN [RUN ...]")

@@ -48,9 +48,10 @@ PARAMS_SHA256_TAG = "mlflow_tunix.params_sha256"
 
 # --------------------------------------------------------------------------- a run's life
 @contextlib.contextmanager
-def mlflow_run(run_name: str | None, run_id: str | None = None):
+def mlflow_run(run_name: str | None, run_id: str | None = None, tags: dict | None = None):
     """Start (or, under ``mlflow run``, attach to) a run, or continue run ``run_id``; end it
-    FAILED/KILLED if anything escapes.
+    FAILED/KILLED if anything escapes. ``tags`` go on a new run as it starts (a sweep's trial gets
+    ``mlflow.parentRunId`` so, nested under the sweep's run).
 
     Continuing a run under ``mlflow run`` leaves the run ``mlflow run`` made empty but for a tag
     (``mlflow_tunix.resumed_run``) and a note naming the run that was continued.
@@ -64,7 +65,8 @@ def mlflow_run(run_name: str | None, run_id: str | None = None):
             client.set_tag(wrapper, "mlflow.note.content", f"This `mlflow run` continued run {run_id}; "
                                                            "its results are logged there.")
     else:
-        run = mlflow.start_run(run_name=None if wrapper else run_name, log_system_metrics=_system_metrics_available())
+        run = mlflow.start_run(run_name=None if wrapper else run_name, tags=tags,
+                               log_system_metrics=_system_metrics_available())
         if wrapper and run_name:  # `mlflow run` names its run at random: give it the project's name
             mlflow.set_tag("mlflow.runName", run_name)
     try:

@@ -9,6 +9,7 @@ pg_ctl) and psycopg2; the cluster test skips without PostgreSQL, unless MLFLOW_T
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -173,7 +175,7 @@ def postgres_uri():
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """A real single-node Ray cluster (`ray start --head --block`), stopped by its process group."""
+    """A real single-node Ray cluster (`ray start --head --block`) on 127.0.0.1."""
     temp = tempfile.mkdtemp(prefix="rt-")  # Ray's socket paths must stay under 107 characters
     port = free_port()
     env = cli_env("", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
@@ -185,8 +187,6 @@ def ray_cluster(tmp_path):
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
-        import time
-
         while True:  # until the cluster answers (or `ray start` dies)
             if proc.poll() is not None:
                 pytest.fail(f"ray start exited {proc.returncode}:\n{(tmp_path / 'ray.log').read_text()[-3000:]}")
@@ -197,7 +197,12 @@ def ray_cluster(tmp_path):
             time.sleep(1)
         yield address
     finally:
-        stop_process_group(proc)
+        # `ray start --block` drains and stops its processes on SIGTERM (~4 s); a SIGTERM to the whole
+        # group would kill the GCS first and leave it waiting for it (~35 s). Then kill what is left.
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        stop_process_group(proc, grace=0)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -37,6 +37,9 @@ from typing import Any
 from mlflow_tunix.errors import ConfigError, TunixError
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
+# A space key that picks the project itself (e.g. addition vs addition-direct: data that no dotted
+# key reaches); every other key is a dotted config key applied to it.
+PROJECT_KEY = "project"
 INSTALL_HINT = "the sweep needs Ray Tune: pip install 'mlflow-tunix[sweep]'"
 
 STOPPED_BY_TAG = "mlflow_tunix.stopped_by"  # on a child run the scheduler stopped early
@@ -86,12 +89,22 @@ def load_space(path, config: str, overrides: dict | None = None) -> list[Dimensi
         raise ConfigError(f"{path}: expected a mapping of dotted config keys to {{kind: values}}, e.g. "
                           "train.learning_rate: {loguniform: [0.0003, 0.01]}")
     dims = [_dimension(path, str(key), spec) for key, spec in raw.items()]
+    projects = [config]
+    for dim in dims:
+        if dim.key == PROJECT_KEY:
+            if dim.kind not in ("choice", "grid"):
+                raise ConfigError(f"{path}: {PROJECT_KEY}: takes choice or grid (of project names or config files)")
+            projects = [str(v) for v in dim.values]
     for dim in dims:
         for value in dim.candidates():
-            try:
-                load_project(config, {**(overrides or {}), dim.key: value})
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: {dim.key}={value!r}: {exc}") from None
+            for project in projects:  # every value must fit every project it may be tried with
+                try:
+                    if dim.key == PROJECT_KEY:
+                        load_project(str(value), overrides)
+                    else:
+                        load_project(project, {**(overrides or {}), dim.key: value})
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: {dim.key}={value!r}: {exc}") from None
     return dims
 
 
@@ -197,7 +210,9 @@ def _trial(values: dict, *, setup: dict) -> None:
     from mlflow_tunix.config import load_project
     from mlflow_tunix.pipeline import run_main
 
-    cfg = load_project(setup["config"], {**setup["overrides"], **values})
+    values = dict(values)
+    project = values.pop(PROJECT_KEY, None)
+    cfg = load_project(_config_path(project) if project else setup["config"], {**setup["overrides"], **values})
     trial_id = tune.get_context().get_trial_id()
     tags = {"mlflow.parentRunId": setup["parent_run_id"], TRIAL_TAG: trial_id,
             "mlflow_tunix.pinned_core": "none" if core is None else str(core)}
@@ -288,6 +303,13 @@ def _trial_error(trial) -> str:
     return "the trial crashed"
 
 
+def _config_path(config: str) -> str:
+    """A project name or config file as an absolute path (trials may run in another folder)."""
+    from mlflow_tunix.config import resolve_path
+
+    return str(resolve_path(config).absolute())
+
+
 def absolute_tracking_uri(uri: str) -> str:
     """A sqlite URI with an absolute path: trials run elsewhere than the driver's current folder."""
     prefix = "sqlite:///"
@@ -373,16 +395,17 @@ def run_sweep(config: str, space_path, *, trials: int = 1, metric: str = "answer
         mlflow.log_table(_as_frame(rows), artifact_file=TRIALS_TABLE)
         mlflow.log_metric("sweep_seconds", seconds)
         best = _best(rows, metric, mode)
-        version = None
+        version, model_name = None, cfg.model_name
         if best is not None:
             mlflow.set_tag(BEST_RUN_TAG, best["run_id"])
             mlflow.log_params({f"best.{d.key}": best[d.key] for d in dims})
+            model_name = best["registered_model_name"] or model_name
             mlflow.log_metrics({f"best/{k}": v for k, v in best["metrics"].items()
                                 if isinstance(v, (int, float)) and math.isfinite(v)})
             _log(f"best trial: run {best['run_id']} {metric}={best['metrics'].get(metric)} "
                  + " ".join(f"{d.key}={best[d.key]}" for d in dims))
             if register_best:
-                version = _register(best["run_id"], cfg.model_name)
+                version = _register(best["run_id"], model_name)
                 mlflow.set_tag("mlflow_tunix.registered_version", version)
         else:
             _log(f"no trial finished with {metric}: nothing is best")
@@ -420,11 +443,13 @@ def _trials_table(experiment_id: str, parent_id: str, dims, metric: str, stopped
             client.set_terminated(info.run_id, "KILLED")
             info = client.get_run(info.run_id).info
         end = info.end_time or int(time.time() * 1000)
+        project = data.tags.get("mlflow_tunix.project", "")
+        named = data.params.get("registered_model_name")
         rows.append({
             "trial": data.tags.get(TRIAL_TAG, ""),
             "run_id": info.run_id,
             "status": info.status,
-            **{d.key: data.params.get(d.key, "") for d in dims},
+            **{d.key: (project if d.key == PROJECT_KEY else data.params.get(d.key, "")) for d in dims},
             metric: data.metrics.get(metric),
             "final_loss": data.metrics.get("final_loss"),
             "metrics": dict(data.metrics),
@@ -432,6 +457,7 @@ def _trials_table(experiment_id: str, parent_id: str, dims, metric: str, stopped
             "stopped_by": data.tags.get(STOPPED_BY_TAG, ""),
             "error": data.tags.get("mlflow_tunix.error", ""),
             "link": runs.ui_link(experiment_id, info.run_id),
+            "registered_model_name": named if named not in (None, "", "None") else f"tunix-{project}" if project else "",
         })
     return rows
 

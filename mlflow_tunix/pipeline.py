@@ -189,7 +189,7 @@ def run_main(cfg: ProjectConfig | None, *, evaluate_model: bool = True, register
         if register:  # the very last step: nothing before it can leave a registered version behind
             with job.stage("registering the model"):
                 version = job.register(info, metrics)
-        log(f"compare runs: {runs.ui_link(job.experiment_id)}")
+        log(f"compare runs: {runs.table_link(job.experiment_id)}")
         return MainResult(job.run_id, job.experiment_id, metrics, info.model_uri, version)
 
 

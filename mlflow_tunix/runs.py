@@ -160,6 +160,33 @@ def ui_link(experiment_id: str, run_id: str | None = None) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs?orderByKey=metrics.%60answer_accuracy%60&orderByAsc=false"
 
 
+# The runs table's columns in the link the job prints (MLflow keeps chosen columns out of the URL).
+TABLE_COLUMNS = ("answer_accuracy", "format_rate", "mean_new_tokens", "final_loss", "train_seconds")
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a view of the runs table, as the UI's Share button saves it
+
+
+def table_link(experiment_id: str, metrics=TABLE_COLUMNS, params=(), sort: str = "answer_accuracy") -> str:
+    """A link to the runs table sorted by ``sort`` (best first) that shows ``metrics`` and ``params``
+    as columns.
+
+    MLflow's URL holds the sort but not the columns; its "Share" button saves the whole view as an
+    experiment tag and links to it by key (``?viewStateShareKey=``). This does the same: the key is
+    the view's hash, so asking again for the same view writes the same tag. Falls back to the plain
+    sorted link if the tag cannot be written."""
+    def column(kind, name):
+        return f"{kind}.`{name}`"
+
+    view = {"orderByKey": column("metrics", sort), "orderByAsc": False,
+            "selectedColumns": [column("metrics", m) for m in metrics] + [column("params", p) for p in params]}
+    text = json.dumps(view, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        MlflowClient().set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, text)
+    except Exception:  # a link is not worth failing a run for
+        return ui_link(experiment_id)
+    return ui_link(experiment_id).split("?")[0] + f"?viewStateShareKey={key}"
+
+
 # --------------------------------------------------------------------------- what a run logs
 def log_config(cfg: ProjectConfig, run_id: str, run_dir) -> None:
     """The resolved config as params, the exact config as an artifact (what --resume rebuilds), the tags."""

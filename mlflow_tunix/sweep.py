@@ -412,7 +412,7 @@ def run_sweep(config: str, space_path, *, trials: int = 1, metric: str = "answer
         counts = {s: sum(r["status"] == s for r in rows) for s in ("FINISHED", "KILLED", "FAILED")}
         _log(f"{len(rows)} trials in {seconds:.0f}s: " + ", ".join(f"{n} {s}" for s, n in counts.items())
              + f"; compare them: mlflow-tunix compare --parent {parent_id}")
-        _log(f"see them: {runs.ui_link(experiment_id, parent_id)}")
+        _log(f"see them: {runs.table_link(experiment_id, params=[d.key for d in dims if d.key != PROJECT_KEY], sort=metric)}")
         return SweepResult(parent_id, experiment_id, rows, best, version)
 
 

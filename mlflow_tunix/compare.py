@@ -77,19 +77,25 @@ def _read_table(client, run_id: str) -> dict | None:
     return {str(row["id"]): row for row in rows}
 
 
+BEST_RUN_TAG = "mlflow_tunix.best_run"  # set on a sweep's run by sweep.py
+
+
 def children(parent_run_id: str, client=None) -> list[str]:
-    """The runs nested under ``parent_run_id`` (a sweep's trials), oldest first."""
+    """The runs nested under ``parent_run_id`` (a sweep's trials): the sweep's best first (the
+    baseline flips are counted against), then the others, oldest first."""
     from mlflow.tracking import MlflowClient
 
     client = client or MlflowClient()
     parent = _read_side(client, parent_run_id)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    parent_run = client.get_run(parent_run_id)
+    experiment_id, best = parent_run.info.experiment_id, parent_run.data.tags.get(BEST_RUN_TAG)
     found = client.search_runs([experiment_id],
                                filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                order_by=["attributes.start_time ASC"], max_results=1000)
     if not found:
         raise TunixError(f"run {parent_run_id} ({parent.name}) has no nested runs")
-    return [r.info.run_id for r in found]
+    ids = [r.info.run_id for r in found]
+    return ([best] if best in ids else []) + [i for i in ids if i != best]
 
 
 def compare_runs(run_ids: list[str], client=None) -> Comparison:

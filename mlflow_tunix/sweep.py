@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow_tunix.compare import BEST_RUN_TAG  # on the sweep run; compare --parent puts that trial first
 from mlflow_tunix.errors import ConfigError, TunixError
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
@@ -45,7 +46,6 @@ INSTALL_HINT = "the sweep needs Ray Tune: pip install 'mlflow-tunix[sweep]'"
 STOPPED_BY_TAG = "mlflow_tunix.stopped_by"  # on a child run the scheduler stopped early
 TRIAL_TAG = "mlflow_tunix.sweep_trial"  # the Tune trial id of a child run
 SWEEP_TAG = "mlflow_tunix.sweep"  # on the parent run: "true"
-BEST_RUN_TAG = "mlflow_tunix.best_run"
 TRIALS_TABLE = "sweep/trials.json"
 SPACE_ARTIFACT = "sweep/space.yaml"
 # Environment a trial gets from the driver (a cluster's workers do not share the driver's).

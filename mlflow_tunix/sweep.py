@@ -32,7 +32,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mlflow_tunix.compare import BEST_RUN_TAG  # on the sweep run; compare --parent puts that trial first
 from mlflow_tunix.errors import ConfigError, TunixError

@@ -328,6 +328,76 @@ def data_validate(file, as_json):
             click.echo(f"  {key}: {value}")
 
 
+# --------------------------------------------------------------------------- sweeps
+@main.command()
+@click.option("--config", "config", default="addition", show_default=True, help="A shipped project or a config.yaml.")
+@click.option("--space", "space", required=True, type=str,
+              help="YAML file: dotted config key -> {choice|grid: [values]} or {uniform|loguniform|randint: [low, high]}, "
+                   "e.g. `train.learning_rate: {loguniform: [0.0003, 0.01]}`.")
+@click.option("--trials", type=WHOLE, default=1, show_default=True,
+              help="Samples of the space (each grid point is run this many times).")
+@click.option("--metric", default="answer_accuracy", show_default=True, help="The metric that picks the best trial.")
+@click.option("--mode", type=click.Choice(["max", "min"]), default="max", show_default=True)
+@click.option("--scheduler", type=click.Choice(["asha", "fifo"]), default="asha", show_default=True,
+              help="asha stops trials whose loss lags at 1/4 and 1/2 of training; fifo runs all to the end.")
+@click.option("--max-concurrent", type=WHOLE, default=0, help="Trials at once (0: one per core of the Ray cluster).")
+@click.option("--ray-address", default="", help="Attach to a running Ray cluster (e.g. 127.0.0.1:6379); "
+              "default: a local Ray on this machine. Trials write to MLFLOW_TRACKING_URI (use a server for a cluster).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value in every trial.")
+@click.option("--register-best", is_flag=True, help="Register the best trial's model (it joins the leaderboard).")
+@_one_line_errors
+def sweep(config, space, trials, metric, mode, scheduler, max_concurrent, ray_address, overrides, register_best):
+    """Search a project's config space with Ray Tune; every trial is a full run nested in one sweep run.
+
+    The sweep's parent run holds the space, the scheduler, the best trial's params and metrics and a
+    trials table (sweep/trials.json); each trial trains and evaluates in a child run. Trials stopped
+    early by ASHA end KILLED with a tag saying so; a crashed trial is FAILED and the sweep goes on.
+    Needs the [sweep] extra: pip install 'mlflow-tunix[sweep]'.
+    """
+    from mlflow_tunix.sweep import run_sweep
+
+    values = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        values[key.strip()] = _yaml_value(value)
+    result = run_sweep(_opt(config) or "addition", space, trials=trials, metric=metric, mode=mode, scheduler=scheduler,
+                       max_concurrent=max_concurrent or None, ray_address=_opt(ray_address),
+                       register_best=register_best, overrides=values)
+    best = result.best
+    click.echo(f"sweep run {result.parent_run_id}: {len(result.trials)} trials; best: "
+               + (f"{best['run_id']} {metric}={best[metric]:.4g}" if best else "none finished")
+               + (f"; registered version {result.registered_version}" if result.registered_version else ""))
+
+
+# --------------------------------------------------------------------------- comparing runs
+@main.command()
+@click.argument("run_ids", nargs=-1, metavar="RUN [RUN ...]")
+@click.option("--parent", default="", metavar="RUN", help="Compare the runs nested under this run (a sweep's trials).")
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Disagreeing items printed (the HTML page has them all).")
+@click.option("--no-log", is_flag=True, help="Print only; log no HTML page.")
+@_one_line_errors
+def compare(run_ids, parent, limit, no_log):
+    """Compare 2 or more runs item by item: params that differ, final metrics side by side, and the
+    eval items where they disagree (right->wrong and wrong->right counted against the first run).
+
+    Prints a table and logs the same as a self-contained HTML page, compare/compare-<ids>.html, to
+    the --parent run (else to the newest run compared): open it in the MLflow UI's Artifacts tab.
+    """
+    from mlflow_tunix import compare as compare_mod
+
+    if bool(run_ids) == bool(parent):
+        raise click.UsageError("give 2 or more RUN ids, or --parent RUN")
+    ids = list(run_ids) or compare_mod.children(parent)
+    result = compare_mod.compare_runs(ids)
+    click.echo(compare_mod.format_text(result, limit=limit))
+    if not no_log:
+        target, path = compare_mod.log_html(result, run_id=parent or None)
+        click.echo(f"\nlogged {path} to run {target}")
+
+
 # --------------------------------------------------------------------------- registry
 @main.command()
 @click.option("--model", "model_name", required=True, help="Registered model name.")

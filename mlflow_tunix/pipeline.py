@@ -157,9 +157,13 @@ class MainResult:
 
 
 def run_main(cfg: ProjectConfig | None, *, evaluate_model: bool = True, register: bool = True,
-             progress: bool = True, resume: str | None = None) -> MainResult:
+             progress: bool = True, resume: str | None = None, tags: dict | None = None,
+             wrap_tracker=None) -> MainResult:
     """The whole job in one MLflow run; ``resume=RUN_ID`` continues that run instead, from its
     newest checkpoint, with its own config (``cfg`` is then ignored and may be None).
+
+    ``tags`` go on the new run as it starts (``mlflow.parentRunId`` nests it); ``wrap_tracker(tracker,
+    run_id)`` may wrap the trainer's tracker (a sweep reports the loss to Ray Tune through it).
 
     Errors, in the order they can happen (see docs/fault-tolerance.md):
     a config value that does not fit the data -> ConfigError, no run started (a run ``mlflow run``
@@ -181,8 +185,8 @@ def run_main(cfg: ProjectConfig | None, *, evaluate_model: bool = True, register
             cfg = target.cfg
             log(f"resuming run {resume} (project {cfg.name}) from {target.run_dir}")
         prep = _prepare_in_run_if_any(cfg, target)
-        run = stack.enter_context(runs.mlflow_run(_run_name(cfg), run_id=resume))
-        job = _Job(cfg, prep, run.info.run_id, run.info.experiment_id, target)
+        run = stack.enter_context(runs.mlflow_run(_run_name(cfg), run_id=resume, tags=tags))
+        job = _Job(cfg, prep, run.info.run_id, run.info.experiment_id, target, wrap_tracker)
         if target is None:
             stack.enter_context(resume_mod.run_dir_lock(job.run_dir, job.run_id))
         job.start()
@@ -196,7 +200,7 @@ def run_main(cfg: ProjectConfig | None, *, evaluate_model: bool = True, register
         if register:  # the very last step: nothing before it can leave a registered version behind
             with job.stage("registering the model"):
                 version = job.register(info, metrics)
-        log(f"compare runs: {runs.ui_link(job.experiment_id)}")
+        log(f"compare runs: {runs.table_link(job.experiment_id)}")
         return MainResult(job.run_id, job.experiment_id, metrics, info.model_uri, version)
 
 
@@ -231,6 +235,7 @@ class _Job:
     run_id: str
     experiment_id: str
     target: resume_mod.Resume | None
+    wrap_tracker: Any = None  # (tracker, run_id) -> a Tracker that passes everything on
 
     def __post_init__(self):
         self.resumed = self.target is not None
@@ -275,7 +280,8 @@ class _Job:
         log(f"model: {param_count(model):,} params, vocab {prep.model_cfg.vocab_size}, seq_len {seq_len}")
         tracker = MlflowTracker(self.run_id, skip_logged=self.resumed, spill_path=self.spill)
         try:
-            result = train(model, prep.train_tok, self.cfg.train, eval_data=prep.eval_tok, tracker=tracker,
+            wrapped = self.wrap_tracker(tracker, self.run_id) if self.wrap_tracker else tracker
+            result = train(model, prep.train_tok, self.cfg.train, eval_data=prep.eval_tok, tracker=wrapped,
                            progress=progress, checkpoint_dir=self.checkpoints, resume=self.resumed)
         except KeyboardInterrupt as exc:
             exc.run_id = self.run_id  # the CLI says how to continue

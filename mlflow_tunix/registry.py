@@ -413,12 +413,18 @@ def render_description(rows: list[dict], metric: str) -> str:
     text = "\n".join(head)
     for i, r in enumerate(rows):
         line = (f"\n| {r['rank']} | {r['version']} | {r['stage']} | {' '.join('@' + a for a in r['aliases'])} "
-                f"| {_number(r['metrics'].get(metric))} | {_other_metrics(r, metric)} | `{r['run_id']}` |")
+                f"| {_number(r['metrics'].get(metric))} | {_other_metrics(r, metric)} | {_run_link(r['run_id'])} |")
         more = f"\n\n{len(rows) - i} more versions: see `mlflow-tunix leaderboard`."
         if len(text) + len(line) + len(more) > DESCRIPTION_MAX_CHARS - 500:  # room for the user's own text
             return text + more
         text += line
     return text
+
+
+def _run_link(run_id: str) -> str:
+    """The run id as a link the MLflow UI follows from the model's page (its /runs/<id> route finds
+    the run's experiment itself)."""
+    return f"[{run_id}](#/runs/{run_id})" if run_id else ""
 
 
 def _rewrite_description(client, name: str) -> None:

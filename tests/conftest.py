@@ -124,11 +124,12 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 30) -> None:
     proc.wait()
 
 
-def start_mlflow_server(root: Path, env_extra: dict | None = None) -> tuple[str, subprocess.Popen]:
+def start_mlflow_server(root: Path, env_extra: dict | None = None,
+                        backend_store_uri: str | None = None) -> tuple[str, subprocess.Popen]:
     """Start a real `mlflow server` on a free 127.0.0.1 port; return its URL and process once /health answers.
 
-    Its sqlite store, proxied artifacts and log live in ``root``: a second start on the same ``root`` serves
-    the same store. It runs in its own process group; stop it with stop_process_group.
+    Its sqlite store (or ``backend_store_uri``), proxied artifacts and log live in ``root``: a second start
+    on the same ``root`` serves the same store. It runs in its own process group; stop it with stop_process_group.
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # not this test's store
@@ -137,7 +138,7 @@ def start_mlflow_server(root: Path, env_extra: dict | None = None) -> tuple[str,
     with open(log_path, "ab") as log:  # appended: a restart keeps the first server's log
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'server.db'}",
              "--artifacts-destination", str(root / "server-artifacts")],
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -150,9 +151,9 @@ def start_mlflow_server(root: Path, env_extra: dict | None = None) -> tuple[str,
 
 
 @contextmanager
-def mlflow_server_process(root: Path, env_extra: dict | None = None):
+def mlflow_server_process(root: Path, env_extra: dict | None = None, backend_store_uri: str | None = None):
     """start_mlflow_server for a ``with`` block: yields the URL, stops the process group on the way out."""
-    url, proc = start_mlflow_server(root, env_extra)
+    url, proc = start_mlflow_server(root, env_extra, backend_store_uri)
     try:
         yield url
     finally:

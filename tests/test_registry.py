@@ -162,7 +162,7 @@ def test_leaderboard_ranks_versions_and_is_the_description(sqlite_store):
     description = client.get_registered_model(name).description
     table = [line for line in description.splitlines() if line.startswith("| ") and not line.startswith("| rank")]
     assert [line.split("|")[2].strip() for line in table] == ["2", "3", tie.version, "1", no_metric.version]
-    assert f"| 1 | 2 | Staging |  | 0.97 | eval_loss=0.03 | `{rows[0]['run_id']}` |" in description
+    assert f"| 1 | 2 | Staging |  | 0.97 | eval_loss=0.03 | [{rows[0]['run_id']}](#/runs/{rows[0]['run_id']}) |" in description
     assert description == registry.render_description(rows, "answer_accuracy")
 
 

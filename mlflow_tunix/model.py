@@ -16,6 +16,7 @@ the pure form::
 from __future__ import annotations
 
 import dataclasses
+import contextvars
 import hashlib
 import math
 from dataclasses import dataclass
@@ -108,7 +109,15 @@ Cache = list[dict[str, jax.Array]]
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
+# Set while build_model fills a model with given weights: the big matrices start as np.empty, which
+# the OS backs with memory only when written (never: each is replaced), so a streamed checkpoint is
+# never held twice and no time goes into random numbers that are thrown away.
+_WEIGHTS_GIVEN = contextvars.ContextVar("weights_given", default=False)
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
+    if _WEIGHTS_GIVEN.get():
+        return nnx.Param(np.empty(shape, np.float32))
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
 
 
@@ -351,16 +360,20 @@ def build_model(
     memory raises ConfigError before anything is allocated.
     """
     check_memory(config)
-    # Built for real: linear in n_layers (tracing it abstractly with nnx.eval_shape grows with the square).
-    model = Transformer(config, rngs=nnx.Rngs(seed))
     if params is None:
-        return model
+        return Transformer(config, rngs=nnx.Rngs(seed))
+    # Built for real, linear in n_layers (tracing it abstractly with nnx.eval_shape grows with the
+    # square), its matrices as untouched placeholders (_WEIGHTS_GIVEN).
+    token = _WEIGHTS_GIVEN.set(True)
+    try:
+        model = Transformer(config, rngs=nnx.Rngs(seed))
+    finally:
+        _WEIGHTS_GIVEN.reset(token)
     weights = {_dotted(path): var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
     unexpected = sorted(set(params) - set(weights))
     if unexpected:
         raise ModelLoadError(f"unexpected parameter {short(unexpected[0])} for this {config.family} model config")
-    # One tensor at a time, in place: each random initial value is dropped as its weight arrives, so
-    # a streamed checkpoint is never held twice.
+    # One tensor at a time, in place.
     for key, var in weights.items():
         if key not in params:
             raise ModelLoadError(f"missing parameter {key!r}")

@@ -98,17 +98,23 @@ def _project_options(fn):
     return fn
 
 
+def _overrides(items) -> dict:
+    """--set KEY=VALUE options as {dotted key: YAML value}."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        values[key.strip()] = _yaml_value(value)
+    return values
+
+
 def _load(config, train_data, eval_data, init_from, steps, seed, overrides, registered_model_name):
     from pathlib import Path
 
     from mlflow_tunix.config import load_project
 
-    values = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        values[key.strip()] = _yaml_value(value)
+    values = _overrides(overrides)
     if _opt(init_from):
         # A folder given on the command line is relative to where the command runs; a hub id stays as given.
         values["model.init_from"] = str(Path(init_from).absolute()) if Path(init_from).is_dir() else init_from
@@ -356,12 +362,7 @@ def sweep(config, space, trials, metric, mode, scheduler, max_concurrent, ray_ad
     """
     from mlflow_tunix.sweep import run_sweep
 
-    values = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        values[key.strip()] = _yaml_value(value)
+    values = _overrides(overrides)
     result = run_sweep(_opt(config) or "addition", space, trials=trials, metric=metric, mode=mode, scheduler=scheduler,
                        max_concurrent=max_concurrent or None, ray_address=_opt(ray_address),
                        register_best=register_best, overrides=values)

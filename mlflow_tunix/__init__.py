@@ -14,6 +14,7 @@ The MLflow flavor is re-exported here, so it reads like MLflow's own::
 __version__ = "0.1.0"
 
 _FLAVOR_API = ("save_model", "log_model", "load_model", "FLAVOR_NAME")
+_HF_API = ("export_hf", "load_checkpoint")
 
 
 def __getattr__(name):
@@ -22,4 +23,8 @@ def __getattr__(name):
         from mlflow_tunix import flavor
 
         return getattr(flavor, name)
+    if name in _HF_API:  # Hugging Face checkpoints in and out
+        from mlflow_tunix import hf
+
+        return getattr(hf, name)
     raise AttributeError(f"module 'mlflow_tunix' has no attribute {name!r}")

@@ -83,6 +83,9 @@ def _project_options(fn):
         click.option("--train-data", type=str, default="", help="JSONL file that replaces the project's training data; "
                      "without --eval-data a seeded 90/10 split holds out the eval set."),
         click.option("--eval-data", type=str, default="", help="JSONL file that replaces the project's eval set."),
+        click.option("--init-from", type=str, default="", metavar="DIR",
+                     help="Start from this local Hugging Face checkpoint folder (Llama, Qwen2, Qwen3): its "
+                          "architecture, weights and tokenizer replace the project's model and tokenizer."),
         click.option("--steps", type=WHOLE, default=0, help="Training steps (0: the project's own)."),
         click.option("--seed", type=WHOLE, default=None, help="Training seed: initial weights and batch order."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -95,7 +98,9 @@ def _project_options(fn):
     return fn
 
 
-def _load(config, train_data, eval_data, steps, seed, overrides, registered_model_name):
+def _load(config, train_data, eval_data, init_from, steps, seed, overrides, registered_model_name):
+    from pathlib import Path
+
     from mlflow_tunix.config import load_project
 
     values = {}
@@ -104,6 +109,9 @@ def _load(config, train_data, eval_data, steps, seed, overrides, registered_mode
         if not sep:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
         values[key.strip()] = _yaml_value(value)
+    if _opt(init_from):
+        # A folder given on the command line is relative to where the command runs; a hub id stays as given.
+        values["model.init_from"] = str(Path(init_from).absolute()) if Path(init_from).is_dir() else init_from
     if steps:
         values["train.steps"] = steps
     if seed is not None:
@@ -130,7 +138,7 @@ def _resume_option(fn):
 
 
 # What each project option holds when not given (MLproject passes these, as "" or 0).
-_NOT_GIVEN = {"config": ("addition", ""), "train_data": ("",), "eval_data": ("",), "steps": (0,),
+_NOT_GIVEN = {"config": ("addition", ""), "train_data": ("",), "eval_data": ("",), "init_from": ("",), "steps": (0,),
               "seed": (None, 0), "overrides": ((),), "registered_model_name": ("",)}
 
 
@@ -164,7 +172,7 @@ def _train_command(fn_name, resume, no_progress, options):
 @_project_options
 @_resume_option
 @_one_line_errors
-def run(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress, resume):
+def run(config, train_data, eval_data, init_from, steps, seed, overrides, registered_model_name, no_progress, resume):
     """The whole job: data -> train -> evaluate -> log the model -> register it.
 
     Logs params, the loss curve, both datasets, eval metrics, every generated answer (as a table)
@@ -173,7 +181,8 @@ def run(config, train_data, eval_data, steps, seed, overrides, registered_model_
     stopped, to the same weights an uninterrupted run would have.
     """
     _train_command("run_main", resume, no_progress, dict(
-        config=config, train_data=train_data, eval_data=eval_data, steps=steps, seed=seed, overrides=overrides,
+        config=config, train_data=train_data, eval_data=eval_data, init_from=init_from, steps=steps, seed=seed,
+        overrides=overrides,
         registered_model_name=registered_model_name))
 
 
@@ -181,13 +190,14 @@ def run(config, train_data, eval_data, steps, seed, overrides, registered_model_
 @_project_options
 @_resume_option
 @_one_line_errors
-def train(config, train_data, eval_data, steps, seed, overrides, registered_model_name, no_progress, resume):
+def train(config, train_data, eval_data, init_from, steps, seed, overrides, registered_model_name, no_progress, resume):
     """Train a project and log the trained model (no generation eval, no registration).
 
     `--resume RUN_ID` continues a run that stopped, from its newest checkpoint.
     """
     _train_command("run_train", resume, no_progress, dict(
-        config=config, train_data=train_data, eval_data=eval_data, steps=steps, seed=seed, overrides=overrides,
+        config=config, train_data=train_data, eval_data=eval_data, init_from=init_from, steps=steps, seed=seed,
+        overrides=overrides,
         registered_model_name=registered_model_name))
 
 
@@ -224,6 +234,25 @@ def evaluate(model_uri, eval_data, no_progress):
     from mlflow_tunix.pipeline import run_evaluate
 
     run_evaluate(model_uri, eval_data=_opt(eval_data), progress=not no_progress)
+
+
+@main.command()
+@click.argument("model_uri")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (must not exist, or be empty).")
+@_one_line_errors
+def export(model_uri, out):
+    """Write the logged model MODEL_URI as a Hugging Face checkpoint folder --out.
+
+    MODEL_URI is any URI `mlflow_tunix.load_model` takes (models:/NAME/VERSION, models:/NAME@champion,
+    runs:/RUN/NAME, a local path). The folder holds config.json (LlamaForCausalLM, Qwen2ForCausalLM or
+    Qwen3ForCausalLM), model.safetensors with Hugging Face tensor names, the tokenizer and
+    generation_config.json: transformers, vLLM and llama.cpp's converter read it.
+    """
+    from mlflow_tunix import flavor, hf
+
+    path = hf.export_hf(flavor.load_model(model_uri), out)
+    click.echo(f"wrote {path}")
 
 
 @main.command("projects")
@@ -305,6 +334,76 @@ def data_validate(file, as_json):
             click.echo(f"  {key}: {value}")
 
 
+# --------------------------------------------------------------------------- sweeps
+@main.command()
+@click.option("--config", "config", default="addition", show_default=True, help="A shipped project or a config.yaml.")
+@click.option("--space", "space", required=True, type=str,
+              help="YAML file: dotted config key -> {choice|grid: [values]} or {uniform|loguniform|randint: [low, high]}, "
+                   "e.g. `train.learning_rate: {loguniform: [0.0003, 0.01]}`.")
+@click.option("--trials", type=WHOLE, default=1, show_default=True,
+              help="Samples of the space (each grid point is run this many times).")
+@click.option("--metric", default="answer_accuracy", show_default=True, help="The metric that picks the best trial.")
+@click.option("--mode", type=click.Choice(["max", "min"]), default="max", show_default=True)
+@click.option("--scheduler", type=click.Choice(["asha", "fifo"]), default="asha", show_default=True,
+              help="asha stops trials whose loss lags at 1/4 and 1/2 of training; fifo runs all to the end.")
+@click.option("--max-concurrent", type=WHOLE, default=0, help="Trials at once (0: one per core of the Ray cluster).")
+@click.option("--ray-address", default="", help="Attach to a running Ray cluster (e.g. 127.0.0.1:6379); "
+              "default: a local Ray on this machine. Trials write to MLFLOW_TRACKING_URI (use a server for a cluster).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value in every trial.")
+@click.option("--register-best", is_flag=True, help="Register the best trial's model (it joins the leaderboard).")
+@_one_line_errors
+def sweep(config, space, trials, metric, mode, scheduler, max_concurrent, ray_address, overrides, register_best):
+    """Search a project's config space with Ray Tune; every trial is a full run nested in one sweep run.
+
+    The sweep's parent run holds the space, the scheduler, the best trial's params and metrics and a
+    trials table (sweep/trials.json); each trial trains and evaluates in a child run. Trials stopped
+    early by ASHA end KILLED with a tag saying so; a crashed trial is FAILED and the sweep goes on.
+    Needs the [sweep] extra: pip install 'mlflow-tunix[sweep]'.
+    """
+    from mlflow_tunix.sweep import run_sweep
+
+    values = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        values[key.strip()] = _yaml_value(value)
+    result = run_sweep(_opt(config) or "addition", space, trials=trials, metric=metric, mode=mode, scheduler=scheduler,
+                       max_concurrent=max_concurrent or None, ray_address=_opt(ray_address),
+                       register_best=register_best, overrides=values)
+    best = result.best
+    click.echo(f"sweep run {result.parent_run_id}: {len(result.trials)} trials; best: "
+               + (f"{best['run_id']} {metric}={best[metric]:.4g}" if best else "none finished")
+               + (f"; registered version {result.registered_version}" if result.registered_version else ""))
+
+
+# --------------------------------------------------------------------------- comparing runs
+@main.command()
+@click.argument("run_ids", nargs=-1, metavar="RUN [RUN ...]")
+@click.option("--parent", default="", metavar="RUN", help="Compare the runs nested under this run (a sweep's trials).")
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Disagreeing items printed (the HTML page has them all).")
+@click.option("--no-log", is_flag=True, help="Print only; log no HTML page.")
+@_one_line_errors
+def compare(run_ids, parent, limit, no_log):
+    """Compare 2 or more runs item by item: params that differ, final metrics side by side, and the
+    eval items where they disagree (right->wrong and wrong->right counted against the first run).
+
+    Prints a table and logs the same as a self-contained HTML page, compare/compare-<ids>.html, to
+    the --parent run (else to the newest run compared): open it in the MLflow UI's Artifacts tab.
+    """
+    from mlflow_tunix import compare as compare_mod
+
+    if bool(run_ids) == bool(parent):
+        raise click.UsageError("give 2 or more RUN ids, or --parent RUN")
+    ids = list(run_ids) or compare_mod.children(parent)
+    result = compare_mod.compare_runs(ids)
+    click.echo(compare_mod.format_text(result, limit=limit))
+    if not no_log:
+        target, path = compare_mod.log_html(result, run_id=parent or None)
+        click.echo(f"\nlogged {path} to run {target}")
+
+
 # --------------------------------------------------------------------------- registry
 @main.command()
 @click.option("--model", "model_name", required=True, help="Registered model name.")
@@ -331,14 +430,17 @@ def leaderboard(model_name, metric, eval_digest, stage, top, fmt):
 @click.option("--version", default=None, help="The version to promote ('best' = --best).")
 @click.option("--best", is_flag=True, help="Promote the version ranked first by --metric.")
 @click.option("--metric", default="answer_accuracy", show_default=True, help="Eval metric compared with the champion.")
-@click.option("--max-regression", type=click.FloatRange(min=0.0), default=0.05, show_default=True,
-              help="Refuse a challenger worse than the champion by more than this relative margin.")
+@click.option("--max-regression", type=float, default=0.05, show_default=True,
+              help="Refuse a challenger worse than the champion by more than this relative margin (0 to 1).")
+@click.option("--wait", "wait", type=click.FloatRange(min=0.0, max=1e6), default=600.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for another registration or promotion of this model.")
 @_one_line_errors
-def promote(model_name, version, best, metric, max_regression):
+def promote(model_name, version, best, metric, max_regression, wait):
     """Move a version to Production and the `champion` alias.
 
     The previous Production version is archived. A challenger evaluated on another eval set than the
-    champion, or worse than it by more than --max-regression, is refused.
+    champion, or worse than it by more than --max-regression, is refused. Scores are the metrics the
+    versions' runs logged; a version whose metric.<name> tag says otherwise is refused.
     """
     from mlflow_tunix import registry
 
@@ -346,7 +448,8 @@ def promote(model_name, version, best, metric, max_regression):
         version, best = None, True
     if bool(version) == bool(best):
         raise click.UsageError("give exactly one of --version V or --best")
-    result = registry.promote(model_name, version=version, best=best, metric=metric, max_regression=max_regression)
+    result = registry.promote(model_name, version=version, best=best, metric=metric, max_regression=max_regression,
+                              wait=wait)
     click.echo(result.message)
 
 

@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 from mlflow_tunix import generators
 from mlflow_tunix.data import check_template
-from mlflow_tunix.errors import ConfigError
+from mlflow_tunix.errors import ConfigError, short
 from mlflow_tunix.generate import GenerationConfig
-from mlflow_tunix.model import ModelConfig
+from mlflow_tunix.model import ModelConfig, check_memory
 from mlflow_tunix.tokenizer import TokenizerConfig
 from mlflow_tunix.train import TrainConfig
 
@@ -86,6 +86,12 @@ class ProjectConfig:
     base_dir: str = "."  # where relative data paths are resolved (the config file's folder)
 
     def __post_init__(self):
+        # Checked before any work (a bad name used to be refused only at registration, after training).
+        name, key = self.model_name, "registered_model_name" if self.registered_model_name else "name"
+        if not isinstance(name, str) or not name.strip() or len(name) > 256 or name != name.strip() \
+                or any(c in name for c in "'/:") or not name.isprintable():
+            raise ConfigError(f"{key}: {short(name)} is not a usable registered-model name (1-256 printable "
+                              f"characters, no quote ('), slash (/) or colon (:), no surrounding spaces)")
         # One prompt template for training and generation. Set either key (data.template is the
         # documented one) and the other follows; two different non-default values contradict.
         data_t, gen_t, default = self.data.template, self.generation.prompt_template, DataConfig.template
@@ -127,11 +133,11 @@ def _convert(value, tp, key: str):
         if isinstance(value, Mapping) and dataclasses.is_dataclass(args[0]):
             value = [value]  # a single source may be written without the list
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {short(value)}")
         return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (collections.abc.Mapping, dict) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {short(value)}")
         if len(args) == 2 and args[1] is not Any:
             return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return {str(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
@@ -140,10 +146,10 @@ def _convert(value, tp, key: str):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {short(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {short(value)}")
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
@@ -169,13 +175,13 @@ def _convert(value, tp, key: str):
 
 
 def _bad(key, expected, value):
-    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    raise ConfigError(f"{key}: expected {expected}, got {short(value)}")
 
 
 def from_dict(cls, values, key: str = ""):
     """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types by dotted key."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{key or cls.__name__}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{key or cls.__name__}: expected a mapping, got {short(values)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -233,17 +239,44 @@ def resolve_path(config: str) -> Path:
     raise ConfigError(f"config: no project named {config!r} and no such file; projects: {', '.join(project_names())}")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a project config is a page of YAML
+MAX_YAML_ALIASES = 100  # anchors are handy for repeated data sources; an alias bomb needs many more
+
+
+def _read_yaml(path: Path):
+    """The YAML document in ``path``: a regular file of at most MAX_CONFIG_BYTES with at most MAX_YAML_ALIASES
+    aliases (``*name``), so a "billion laughs" document is refused before it is expanded anywhere."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise ConfigError(f"{path}: more than {MAX_YAML_ALIASES} YAML aliases (*name); refusing it")
+            return super().compose_node(parent, index)
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes; a project config holds at most {MAX_CONFIG_BYTES}")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=BoundedLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
 def load_project(config: str, overrides: Mapping[str, Any] | None = None, *, train_data: str | None = None,
                  eval_data: str | None = None) -> ProjectConfig:
     """Load a project by name or path, apply dotted ``overrides`` (``{"train.steps": 100}``) and data
     files (see :func:`with_data_files`), validate."""
-    import yaml
 
     path = resolve_path(config)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    raw = _read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw.setdefault("name", path.parent.name)
@@ -282,6 +315,10 @@ def validate(cfg: ProjectConfig) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data: give a file (train_data) or a generator")
     g, m = cfg.generation, cfg.model
+    if cfg.data.template == "chat" and not m.init_from:
+        raise ConfigError("data.template: 'chat' renders prompts with a checkpoint's chat template; set model.init_from")
     if g.max_new_tokens >= m.max_seq_len:
         raise ConfigError(f"generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in "
                           f"model.max_seq_len={m.max_seq_len}")
+    # Before any run starts: a model that cannot train in this machine's memory is one line, not a swap storm.
+    check_memory(m, batch_size=cfg.train.batch_size, training=True)

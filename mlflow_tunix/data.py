@@ -20,17 +20,20 @@ import hashlib
 import json
 import math
 import random
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from mlflow_tunix.errors import ConfigError, DataError
+from mlflow_tunix.errors import ConfigError, DataError, short
 
 TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 TEMPLATES = {
     "plain": "{prompt}\n",
     "gemma": "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n",
+    "chat": None,  # the tokenizer's own chat template (a checkpoint's: model.init_from)
 }
 TEMPLATE_SPECIAL_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
@@ -65,9 +68,16 @@ def check_template(name: str, key: str = "template") -> None:
         raise ConfigError(f"{key}: {name!r} is not one of {', '.join(TEMPLATES)}")
 
 
-def render_prompt(prompt: str, template: str = "plain") -> str:
-    """The text the model sees before its completion."""
+def render_prompt(prompt: str, template: str = "plain", tokenizer=None) -> str:
+    """The text the model sees before its completion (``chat``: as the tokenizer's chat template
+    renders one user turn, ready for the assistant's answer)."""
     check_template(template)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("template 'chat': the tokenizer has no chat template (it comes with a checkpoint: "
+                              "model.init_from)")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
     return TEMPLATES[template].format(prompt=prompt)
 
 
@@ -135,9 +145,6 @@ def answers_match(predicted: str | None, expected: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # Reading and checking records
-
-FORMATS = ("trace", "completion", "eval")
-
 
 def _type_name(value) -> str:
     return "null" if value is None else {dict: "object", list: "list", str: "string"}.get(
@@ -311,11 +318,28 @@ def _examples(numbered: Iterable[tuple[int, object]], path, sep: str) -> list[Ex
     return examples
 
 
+# Readers refuse what would cost without end: a line longer than this (a record is a question and
+# its worked answer: kilobytes), and anything but a regular file (/dev/zero, a FIFO).
+MAX_LINE_BYTES = 1 << 20
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a key given twice is refused (which value was meant is not knowable)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {short(key, 40)}")
+        obj[key] = value
+    return obj
+
+
 def _numbered_records(path, data: bytes):
     """Yield (line number, parsed JSON) for each non-blank line of a JSONL file's bytes."""
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
         data = data[3:]
     for line, raw in enumerate(data.split(b"\n"), start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(path, line, f"line of {len(raw)} bytes; at most {MAX_LINE_BYTES} are allowed")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -323,21 +347,39 @@ def _numbered_records(path, data: bytes):
         if not text.strip():
             continue
         try:
-            yield line, json.loads(text)
+            record = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise DataError(path, line, f"invalid JSON: {e.msg} (column {e.colno})") from None
-        except (ValueError, RecursionError) as e:  # e.g. an integer too long, nesting too deep
-            raise DataError(path, line, f"invalid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer too long, nesting too deep, a duplicate key
+            raise DataError(path, line, f"invalid JSON: {str(e)[:200] or type(e).__name__}") from None
+        # JSON's \ud800 escape decodes to a lone surrogate: a str that cannot be written as UTF-8 (raw
+        # bytes cannot hold one: decode above refuses them), so only a line with an escape is checked.
+        if "\\u" in text and _has_surrogate(record):
+            raise DataError(path, line, "a string holds a lone surrogate (a \\ud800-\\udfff escape without its "
+                                        "pair): not valid Unicode")
+        yield line, record
+
+
+def _has_surrogate(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def read_jsonl(path) -> list[Example]:
-    """Read and check a dataset file (trace, completion or eval-item JSONL)."""
+    """Read and check a dataset file (trace, completion or eval-item JSONL): a regular file, lines of at most
+    MAX_LINE_BYTES. ``data validate`` and every training or eval run read files through this one function."""
     try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise DataError(path, None, "is a directory, not a JSONL file")
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(path, None, "not a regular file (a device, FIFO or socket); give a JSONL file")
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise DataError(path, None, "file not found") from None
-    except IsADirectoryError:
-        raise DataError(path, None, "is a directory, not a JSONL file") from None
     except OSError as e:
         raise DataError(path, None, f"cannot read the file ({e.strerror})") from None
     return _examples(_numbered_records(path, data), path, ":")

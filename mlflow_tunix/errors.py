@@ -6,6 +6,22 @@ shown to the user once, as one line, at the CLI boundary (``mlflow_tunix.cli``).
 
 from __future__ import annotations
 
+import reprlib
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 3, 6, 6, 6
+
+
+def short(value, limit: int = 80) -> str:
+    """A repr of ``value`` of at most about ``limit`` characters, for error messages.
+
+    A message never prints a whole user value: a megabyte prompt or a YAML alias bomb would
+    become a megabyte (or an endless) message. reprlib bounds nesting before building the text.
+    """
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class TunixError(Exception):
     """Base class: a problem the user can fix (bad data, bad config, bad request)."""

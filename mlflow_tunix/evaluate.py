@@ -21,17 +21,10 @@ from typing import Sequence
 from mlflow_tunix.data import Example, answers_match, family, is_well_formed, parse_answer, render_prompt
 from mlflow_tunix.generate import GenerationConfig, generate_text
 
-TABLE_COLUMNS = ("id", "category", "prompt", "expected", "answer", "correct", "well_formed", "new_tokens", "generated")
-
-
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
-    rows: list[dict]
-
-    @property
-    def accuracy(self) -> float:
-        return self.metrics["answer_accuracy"]
+    rows: list[dict]  # one per item: id, category, prompt, expected, answer, correct, well_formed, new_tokens, generated
 
 
 def metric_key(category: str) -> str:
@@ -71,14 +64,18 @@ def score(examples: Sequence[Example], completions: Sequence[str], new_tokens: S
     if new_tokens is not None:
         metrics["mean_new_tokens"] = float(sum(new_tokens)) / n
     for category, results in sorted(by_category.items()):
-        metrics[metric_key(category)] = sum(results) / len(results)
+        key, n = metric_key(category), 1
+        while key in metrics:  # two categories that read alike once sanitised ("a b", "a/b") keep both scores
+            n += 1
+            key = f"{metric_key(category)}-{n}"
+        metrics[key] = sum(results) / len(results)
     return EvalResult(metrics, rows)
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], generation: GenerationConfig, *,
              progress: bool = True) -> EvalResult:
     """Generate a completion for every example with greedy (or configured) KV-cache decoding and score it."""
-    prompts = [render_prompt(ex.prompt, generation.prompt_template) for ex in examples]
+    prompts = [render_prompt(ex.prompt, generation.prompt_template, tokenizer) for ex in examples]
     completions = generate_text(model, tokenizer, prompts, generation, progress=progress)
     new_tokens = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
     return score(examples, completions, new_tokens)

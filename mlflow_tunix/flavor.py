@@ -72,13 +72,24 @@ from mlflow.utils.model_utils import _add_code_from_conf_to_system_path, _valida
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from mlflow_tunix.data import parse_answer, parse_reasoning, render_prompt
-from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
+from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError, short
 from mlflow_tunix.generate import GenerationConfig, generate_text, request_error
-from mlflow_tunix.model import ModelConfig, Transformer, build_model, flat_params, param_count
+from mlflow_tunix.model import (
+    ModelConfig,
+    Transformer,
+    build_model,
+    check_memory,
+    check_param_shapes,
+    flat_params,
+    param_count,
+    params_sha256,
+)
 from mlflow_tunix.tokenizer import load_tokenizer
 
 FLAVOR_NAME = "mlflow_tunix"
-FORMAT_VERSION = 1  # bump when the files under DATA_PATH change meaning; load refuses newer ones
+# Bump when the files change meaning; load refuses newer ones. 2: the manifest lists every file of the
+# model directory (not only DATA_PATH's) and MLmodel's flavor sections.
+FORMAT_VERSION = 2
 DATA_PATH = "tunix"  # the flavor's sub-directory inside the MLflow model directory
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -86,12 +97,36 @@ GENERATION_FILE = "generation.json"
 TOKENIZER_DIR = "tokenizer"
 MANIFEST_FILE = "manifest.json"
 
+# Loading runs no code from a model directory unless the user opts in (mirrors MLflow 3.18's
+# MLFLOW_ALLOW_MODEL_CODE_EXECUTION): load_model(allow_code=True) or this variable set to 1.
+ALLOW_CODE_ENV = "MLFLOW_TUNIX_ALLOW_MODEL_CODE"
+_OPT_IN = (f"mlflow-tunix runs no code from a model directory; for a model you trust, pass allow_code=True "
+           f"to mlflow_tunix.load_model or set {ALLOW_CODE_ENV}=1")
+# What MLflow writes into a model directory after the save (none of it is executed): MLflow's
+# download of a models:/NAME/VERSION URI adds the name and version (with a local artifact store, into
+# the stored directory itself). Never listed in the manifest.
+_REGISTERED_MODEL_META = "registered_model_meta"
+_MLFLOW_ADDED_FILES = {_REGISTERED_MODEL_META}
+# Models saved in format 1 (mlflow-tunix 0.1) keep loading: their manifest covers the data directory, and
+# beside it only these files MLflow writes may stand (no code, no other loader: MLmodel is checked for those).
+# What format 1 cannot show is an edit of MLmodel's own values; docs/flavor.md says so.
+_FORMAT_1_MLFLOW_FILES = {"conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
+                          "serving_input_example.json"}
+MAX_METADATA_BYTES = 16 << 20  # MLmodel, the manifest and the JSON configs are read whole: bound them
+
 # The prediction options a request may set (the signature's ParamSchema), and their MLflow types.
 REQUEST_PARAMS = {"max_new_tokens": "long", "temperature": "double", "top_k": "long", "seed": "long"}
 # One request may not ask for more than this many generations: a server answers within a bounded
 # time and memory; bigger jobs belong in batch scoring, split into requests.
 MAX_PROMPTS_PER_REQUEST = 256
+# A prompt longer than this is refused before it is tokenized (tokenizing a megabyte costs seconds,
+# and it could never fit a context: a token is at least one character).
+MAX_PROMPT_CHARS = 65536
 OUTPUT_COLUMNS = ("completion", "answer", "reasoning")
+
+# Family names models were saved with before the families were named after Hugging Face's
+# (mlflow-tunix 0.1 saved the Llama architecture as "tunix-gpt").
+_RENAMED_FAMILIES = {"tunix-gpt": "llama"}
 
 # Keyword arguments that mlflow.models.Model.log may forward to save_model and that we ignore.
 _MLFLOW_PASSTHROUGH_KWARGS = {"validate_serving_input", "uv_project_path", "serialization_format"}
@@ -167,7 +202,7 @@ class TunixModel:
             prompts = [prompts]
         config = _generation_with(self.generation, overrides, self.config.max_seq_len)
         texts = generate_text(
-            self.module, self.tokenizer, [render_prompt(p, config.prompt_template) for p in prompts], config
+            self.module, self.tokenizer, [render_prompt(p, config.prompt_template, self.tokenizer) for p in prompts], config
         )
         return [{"completion": t, "answer": parse_answer(t), "reasoning": parse_reasoning(t)} for t in texts]
 
@@ -217,7 +252,10 @@ def _default_signature(generation: GenerationConfig) -> ModelSignature:
     three text columns out, and the request options with the model's own defaults."""
     params = ParamSchema([ParamSpec(name, kind, getattr(generation, name)) for name, kind in REQUEST_PARAMS.items()])
     return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
+        # No input schema: MLflow would cast request values to its type before predict sees them ([123]
+        # becomes ["123"]) and keep only the first column of a DataFrame. Without one, the input arrives
+        # as sent and _prompts_from is the one judge of it.
+        inputs=None,
         outputs=Schema(
             [
                 ColSpec("string", "completion"),
@@ -256,15 +294,30 @@ def _sha256(path: Path) -> str:
 
 
 def _files_under(directory: Path) -> list[str]:
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    """Every file below ``directory`` (relative POSIX paths); a symlink or special file is refused.
+
+    A symlinked directory would not be scanned by a plain walk, and a link can point anywhere:
+    a model directory holds regular files only.
+    """
+    found = []
+    for parent, dirs, files in os.walk(directory, followlinks=False):
+        for name in dirs + files:
+            path = Path(parent) / name
+            if path.is_symlink():
+                raise ModelLoadError(f"{path}: a symbolic link; a model directory holds regular files only")
+            if name in files and not path.is_file():
+                raise ModelLoadError(f"{path}: not a regular file; a model directory holds regular files only")
+            if name in files:
+                found.append(path.relative_to(directory).as_posix())
+    return sorted(found)
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _write_data_dir(data_dir: Path, module: Transformer, tokenizer, generation: GenerationConfig) -> str:
-    """Write weights, configs, tokenizer and manifest; return the manifest's sha256."""
+def _write_data_dir(data_dir: Path, module: Transformer, tokenizer, generation: GenerationConfig) -> None:
+    """Write the weights, configs and tokenizer (the manifest comes last, see _write_manifest)."""
     import safetensors.numpy
 
     data_dir.mkdir()
@@ -274,12 +327,24 @@ def _write_data_dir(data_dir: Path, module: Transformer, tokenizer, generation: 
     _write_json(data_dir / GENERATION_FILE, dataclasses.asdict(generation))
     tokenizer.save_pretrained(str(data_dir / TOKENIZER_DIR))
 
+
+def _trusted_fields(flavors: dict) -> dict:
+    """MLmodel's flavor sections as the manifest records them: everything but the manifest's own hash."""
+    sections = {name: {k: v for k, v in conf.items() if k != "manifest_sha256"} for name, conf in flavors.items()}
+    return json.loads(json.dumps(sections, sort_keys=True, default=str))
+
+
+def _write_manifest(root: Path, flavors: dict) -> str:
+    """List sha256 and size of every file of the model directory (all but MLmodel, written after it)
+    and MLmodel's flavor sections; return the manifest's sha256 (MLmodel records it)."""
+    manifest_path = root / DATA_PATH / MANIFEST_FILE
     files = {
-        name: {"sha256": _sha256(data_dir / name), "bytes": (data_dir / name).stat().st_size}
-        for name in _files_under(data_dir)
+        name: {"sha256": _sha256(root / name), "bytes": (root / name).stat().st_size}
+        for name in _files_under(root)
+        if name != MLMODEL_FILE_NAME and name not in _MLFLOW_ADDED_FILES
     }
-    _write_json(data_dir / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "files": files})
-    return _sha256(data_dir / MANIFEST_FILE)
+    _write_json(manifest_path, {"format_version": FORMAT_VERSION, "files": files, "mlmodel": _trusted_fields(flavors)})
+    return _sha256(manifest_path)
 
 
 def save_model(
@@ -378,7 +443,21 @@ def _save_into(root: Path, module, tokenizer, generation, *, conda_env, code_pat
     if metadata is not None:
         mlflow_model.metadata = metadata
 
-    manifest_sha256 = _write_data_dir(root / DATA_PATH, module, tokenizer, generation)
+    _write_data_dir(root / DATA_PATH, module, tokenizer, generation)
+
+    if conda_env is None:
+        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
+        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
+            default_reqs, pip_requirements, extra_pip_requirements
+        )
+    else:
+        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
+    with open(root / _CONDA_ENV_FILE_NAME, "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if pip_constraints:
+        write_to(str(root / _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
+    write_to(str(root / _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
+    _PythonEnv.current().to_yaml(str(root / _PYTHON_ENV_FILE_NAME))
 
     pyfunc.add_to_model(
         mlflow_model,
@@ -398,26 +477,13 @@ def _save_into(root: Path, module, tokenizer, generation, *, conda_env, code_pat
         param_count=param_count(module),
         jax_version=jax.__version__,
         flax_version=flax.__version__,
-        manifest_sha256=manifest_sha256,
         code=code_dir_subpath,
     )
+    # Last, so it covers every other file and the flavor sections just written.
+    mlflow_model.flavors[FLAVOR_NAME]["manifest_sha256"] = _write_manifest(root, mlflow_model.flavors)
     if size := get_total_file_size(str(root)):
         mlflow_model.model_size_bytes = size
     mlflow_model.save(str(root / MLMODEL_FILE_NAME))
-
-    if conda_env is None:
-        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
-        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
-            default_reqs, pip_requirements, extra_pip_requirements
-        )
-    else:
-        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
-    with open(root / _CONDA_ENV_FILE_NAME, "w") as f:
-        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
-    if pip_constraints:
-        write_to(str(root / _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
-    write_to(str(root / _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
-    _PythonEnv.current().to_yaml(str(root / _PYTHON_ENV_FILE_NAME))
 
 
 def log_model(
@@ -501,86 +567,214 @@ def log_model(
 # Loading
 
 
-def _flavor_conf(model_dir: Path) -> dict:
+def _code_allowed(allow_code: bool | None) -> bool:
+    if allow_code is None:
+        return os.environ.get(ALLOW_CODE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return bool(allow_code)
+
+
+def _read_small(path: Path, limit: int = MAX_METADATA_BYTES) -> bytes:
+    """The bytes of a metadata file (MLmodel, manifest, a config), refused when not a regular file or too big."""
+    if path.is_symlink() or not path.is_file():
+        missing = not path.exists() and not path.is_symlink()
+        raise ModelLoadError(f"{path}: " + ("missing; the model is incomplete" if missing else "not a regular file"))
+    size = path.stat().st_size
+    if size > limit:
+        raise ModelLoadError(f"{path}: {size} bytes; a metadata file holds at most {limit}")
+    return path.read_bytes()
+
+
+def _inside(model_dir: Path, relative, where: str) -> Path:
+    """``model_dir / relative``, refused unless ``relative`` is a plain relative path below it."""
+    parts = Path(relative).parts if isinstance(relative, str) else ()
+    if not parts or Path(relative).is_absolute() or ".." in parts or "\\" in relative:
+        raise ModelLoadError(f"{where}: {short(relative)} points outside the model directory")
+    return model_dir / relative
+
+
+def _check_mlmodel(model_dir: Path, allow_code: bool) -> dict:
+    """MLmodel's flavor sections, once they hold no code and no loader but ours (unless allowed)
+    and their data paths stay inside ``model_dir``."""
     mlmodel = model_dir / MLMODEL_FILE_NAME
-    if not mlmodel.is_file():
+    if not mlmodel.exists():
         raise ModelLoadError(f"{mlmodel}: missing; this is not an MLflow model directory")
-    flavors = Model.load(str(model_dir)).flavors
-    if FLAVOR_NAME not in flavors:
-        raise ModelLoadError(f"{mlmodel}: no {FLAVOR_NAME!r} flavor (this model has: {', '.join(flavors)})")
-    return flavors[FLAVOR_NAME]
-
-
-def _check_files(data_dir: Path, manifest_sha256: str | None) -> None:
-    """Every file listed in the manifest is there, with its size and sha256; nothing else is."""
-    manifest_path = data_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ModelLoadError(f"{manifest_path}: missing; the model is incomplete")
-    if manifest_sha256 is not None and _sha256(manifest_path) != manifest_sha256:
-        raise ModelLoadError(f"{manifest_path}: altered (its sha256 differs from the one in MLmodel)")
+    _read_small(mlmodel)
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-        listed = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelLoadError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+        flavors = Model.load(str(mlmodel)).flavors
+    except Exception as exc:  # YAML errors, a non-mapping MLmodel, ...
+        raise ModelLoadError(f"{mlmodel}: unreadable ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(flavors, dict) or FLAVOR_NAME not in flavors:
+        raise ModelLoadError(f"{mlmodel}: no {FLAVOR_NAME!r} flavor (this model has: {', '.join(map(str, flavors or {}))})")
+    sections = {FLAVOR_NAME: flavors[FLAVOR_NAME], pyfunc.FLAVOR_NAME: flavors.get(pyfunc.FLAVOR_NAME) or {}}
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise ModelLoadError(f"{mlmodel}: flavor {name!r} is not a mapping")
+        if section.get("code") and not allow_code:
+            raise ModelLoadError(f"{mlmodel}: flavor {name!r} ships code ({short(section['code'])}, from code_paths); "
+                                 f"{_OPT_IN}")
+        if "data" in section:
+            _inside(model_dir, section["data"], f"{mlmodel}: {name}.data")
+    loader = sections[pyfunc.FLAVOR_NAME].get("loader_module", __name__)
+    if loader != __name__ and not allow_code:
+        raise ModelLoadError(f"{mlmodel}: loader_module is {short(loader)}, not {__name__}; {_OPT_IN}")
+    return flavors
+
+
+def _parse_json(raw: bytes, path: Path):
+    """JSON with a duplicate key refused (two values for one key is an edit, not a save)."""
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ValueError(f"duplicate key {short(key)}")
+        return dict(pairs)
+
+    try:
+        return json.loads(raw, object_pairs_hook=unique)
+    except (ValueError, RecursionError) as exc:  # RecursionError: a deeply nested document
+        raise ModelLoadError(f"{path}: not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
+
+
+def _check_files(model_dir: Path, flavors: dict, allow_code: bool) -> None:
+    """The manifest is the one MLmodel names, agrees with MLmodel's flavor sections, and every file
+    of the model directory is listed with its size and sha256 (MLmodel itself excepted)."""
+    conf = flavors[FLAVOR_NAME]
+    data_rel = conf.get("data", DATA_PATH)
+    manifest_path = _inside(model_dir, data_rel, "data") / MANIFEST_FILE
+    raw = _read_small(manifest_path)
+    expected = conf.get("manifest_sha256")
+    if not isinstance(expected, str):
+        raise ModelLoadError(f"{model_dir / MLMODEL_FILE_NAME}: no manifest_sha256; the model directory cannot be checked")
+    if hashlib.sha256(raw).hexdigest() != expected:
+        raise ModelLoadError(f"{manifest_path}: altered (its sha256 differs from the one in MLmodel)")
+    manifest = _parse_json(raw, manifest_path)
+    try:
+        files = manifest["files"]
+        listed = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ModelLoadError(f"{manifest_path}: unreadable manifest ({type(exc).__name__}: {str(exc)[:100]})") from None
+    if not listed:
+        raise ModelLoadError(f"{manifest_path}: lists no files")
+    whole_directory = conf.get("format_version", FORMAT_VERSION) >= 2
+    if whole_directory:
+        if manifest.get("mlmodel") != _trusted_fields(flavors):
+            raise ModelLoadError(f"{model_dir / MLMODEL_FILE_NAME}: its flavor sections differ from the ones "
+                                 f"{manifest_path} records (MLmodel was edited)")
+    else:  # format 1 (only with allow_code): names relative to the data directory
+        listed = {f"{data_rel}/{name}": entry for name, entry in listed.items()}
 
     for name, (size, sha256) in sorted(listed.items()):
-        path = data_dir / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise ModelLoadError(f"{manifest_path}: entry {name!r} points outside the model directory")
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: missing; the model is incomplete")
+        path = _inside(model_dir, name, f"{manifest_path}: entry")
+        if name in _MLFLOW_ADDED_FILES:
+            continue  # rewritten by MLflow at every download from the registry (a local store: in place)
+        if path.is_symlink() or not path.is_file():
+            raise ModelLoadError(f"{path}: " + ("missing; the model is incomplete" if not path.exists() else "not a regular file"))
         actual = path.stat().st_size
         if actual != size:
             raise ModelLoadError(f"{path}: truncated or altered ({actual} bytes, expected {size})")
         if _sha256(path) != sha256:
             raise ModelLoadError(f"{path}: altered (sha256 differs from {MANIFEST_FILE})")
-    for name in _files_under(data_dir):
-        if name != MANIFEST_FILE and name not in listed:
-            raise ModelLoadError(f"{data_dir / name}: not listed in {MANIFEST_FILE}; refusing a model with unknown files")
+    known = set(listed) | {MLMODEL_FILE_NAME, f"{data_rel}/{MANIFEST_FILE}", *_MLFLOW_ADDED_FILES}
+    if not whole_directory:  # format 1 listed the data directory only: beside it, only what MLflow itself writes
+        known |= _FORMAT_1_MLFLOW_FILES
+    for name in _files_under(model_dir):  # also refuses symlinks and special files anywhere
+        if name not in known and not allow_code:
+            raise ModelLoadError(f"{model_dir / name}: not listed in {MANIFEST_FILE}; refusing a model with unknown files")
 
+
+def _verified(model_dir: Path, allow_code: bool | None) -> dict:
+    """Check a local model directory before anything in it is used; return MLmodel's flavor sections."""
+    allow = _code_allowed(allow_code)
+    flavors = _check_mlmodel(model_dir, allow)
+    saved_format = flavors[FLAVOR_NAME].get("format_version", FORMAT_VERSION)
+    if not isinstance(saved_format, int) or isinstance(saved_format, bool) or saved_format > FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{model_dir}: saved in format version {short(saved_format)}, newer than this mlflow-tunix "
+            f"reads ({FORMAT_VERSION}); upgrade mlflow-tunix"
+        )
+    _check_files(model_dir, flavors, allow)
+    return flavors
 
 def _read_dataclass(cls, path: Path):
-    try:
-        values = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    values = _parse_json(_read_small(path), path)
+    if not isinstance(values, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    if cls is ModelConfig and values.get("family") in _RENAMED_FAMILIES:
+        values["family"] = _RENAMED_FAMILIES[values["family"]]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ModelLoadError(f"{path}: unknown key {unknown[0]!r} (this mlflow-tunix knows: {', '.join(sorted(known))})")
+        raise ModelLoadError(f"{path}: unknown key {short(unknown[0])} (this mlflow-tunix knows: {', '.join(sorted(known))})")
     try:
         return cls(**values)
     except ConfigError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
 
 
-def _load_from_data_dir(data_dir: Path, flavor_conf: dict) -> TunixModel:
+def _load_from_data_dir(data_dir: Path) -> TunixModel:
+    """Build the model from a data directory that _verified has checked."""
+    import safetensors
     import safetensors.numpy
-
-    saved_format = flavor_conf.get("format_version", FORMAT_VERSION)
-    if not isinstance(saved_format, int) or saved_format > FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{data_dir}: saved in format version {saved_format!r}, newer than this mlflow-tunix "
-            f"reads ({FORMAT_VERSION}); upgrade mlflow-tunix"
-        )
-    _check_files(data_dir, flavor_conf.get("manifest_sha256"))
 
     config = _read_dataclass(ModelConfig, data_dir / CONFIG_FILE)
     generation = _read_dataclass(GenerationConfig, data_dir / GENERATION_FILE)
-    try:
-        weights = safetensors.numpy.load_file(str(data_dir / WEIGHTS_FILE))
+    weights_path = data_dir / WEIGHTS_FILE
+    try:  # before anything is allocated: the machine can hold it, and the header matches the config
+        check_memory(config)
+        with safetensors.safe_open(str(weights_path), framework="numpy") as f:
+            header = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        check_param_shapes(config, header)
+        weights = safetensors.numpy.load_file(str(weights_path))
+    except (ConfigError, ModelLoadError) as exc:
+        raise ModelLoadError(f"{weights_path}: {exc}") from None
     except Exception as exc:  # safetensors raises its own SafetensorError on a malformed header
-        raise ModelLoadError(f"{data_dir / WEIGHTS_FILE}: unreadable safetensors file ({exc})") from exc
+        raise ModelLoadError(f"{weights_path}: unreadable safetensors file ({str(exc)[:200]})") from None
     try:
         module = build_model(config, params=weights)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{data_dir / WEIGHTS_FILE}: {exc}") from exc
+    except (ConfigError, ModelLoadError) as exc:
+        raise ModelLoadError(f"{weights_path}: {exc}") from exc
     tokenizer = load_tokenizer(data_dir / TOKENIZER_DIR)
     return TunixModel(module=module, tokenizer=tokenizer, generation=generation)
 
 
-def load_model(model_uri, dst_path=None) -> TunixModel:
+def _registered_version(model_uri: str, local_path: Path) -> tuple[str, str] | None:
+    """(name, version) when the model was loaded through the registry, else None.
+
+    MLflow writes ``registered_model_meta`` into every directory it downloads from a ``models:/NAME/V``
+    or ``models:/NAME@alias`` URI (after download: the artifact store cannot forge it).
+    """
+    meta = local_path / _REGISTERED_MODEL_META
+    if not str(model_uri).startswith("models:/") or not meta.is_file() or meta.is_symlink():
+        return None
+    try:
+        values = yaml.safe_load(_read_small(meta))
+        name, version = values.get("model_name"), values.get("model_version")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    # A LoggedModel (models:/m-...) is downloaded with a meta file naming no version.
+    return (str(name), str(version)) if name is not None and version is not None else None
+
+
+def _check_registered(name: str, version: str, module: Transformer) -> None:
+    """The weights are the ones the version was registered with (its ``params_sha256`` tag)."""
+    from mlflow import MlflowClient
+
+    try:
+        tags = MlflowClient().get_model_version(name, version).tags
+    except MlflowException as exc:
+        raise ModelLoadError(f"models:/{name}/{version}: {exc.message[:200]}") from None
+    registered = tags.get("params_sha256")
+    if registered is None:
+        return  # registered by other means than mlflow-tunix: nothing to compare with
+    actual = params_sha256(module)
+    if actual != registered:
+        raise ModelLoadError(
+            f"models:/{name}/{version}: the weights' sha256 {actual[:12]}... differs from the version's "
+            f"params_sha256 tag {registered[:12]}...; the model files changed after registration")
+
+
+def load_model(model_uri, dst_path=None, *, allow_code: bool | None = None) -> TunixModel:
     """
     Load a model saved or logged by this flavor.
 
@@ -595,32 +789,67 @@ def load_model(model_uri, dst_path=None) -> TunixModel:
 
         dst_path: A local directory (it must exist) to download the model into. Default: a new
             temporary directory.
+        allow_code: Load a model that ships code (``code_paths``), names another loader module, or
+            holds files its manifest does not list, and put its code on ``sys.path``. Only for a
+            model you trust. Default: the ``MLFLOW_TUNIX_ALLOW_MODEL_CODE`` environment variable
+            (``1``), else False.
 
     Returns:
-        A :class:`TunixModel`. A missing, truncated, altered or unexpected file raises
-        :class:`~mlflow_tunix.errors.ModelLoadError` naming it.
+        A :class:`TunixModel`. A missing, truncated, altered or unexpected file, code in the model,
+        or (for a registered version) weights other than the registered ones raise
+        :class:`~mlflow_tunix.errors.ModelLoadError` naming the file.
     """
     try:
         local_path = Path(_download_artifact_from_uri(artifact_uri=str(model_uri), output_path=dst_path))
     except (MlflowException, OSError) as exc:  # an unknown run, model, version or alias; a missing path
         message = exc.message if isinstance(exc, MlflowException) else str(exc)
-        raise ModelLoadError(f"{model_uri}: {message}") from None
-    flavor_conf = _flavor_conf(local_path)
-    _add_code_from_conf_to_system_path(str(local_path), flavor_conf)
-    return _load_from_data_dir(local_path / flavor_conf.get("data", DATA_PATH), flavor_conf)
+        raise ModelLoadError(f"{model_uri}: {' '.join(message.split())[:300]}") from None
+    flavors = _verified(local_path, allow_code)
+    conf = flavors[FLAVOR_NAME]
+    if _code_allowed(allow_code):
+        _add_code_from_conf_to_system_path(str(local_path), conf)
+    loaded = _load_from_data_dir(local_path / conf.get("data", DATA_PATH))
+    if registered := _registered_version(str(model_uri), local_path):
+        _check_registered(*registered, loaded.module)
+    return loaded
+
+
+def _drop_model_code(model_dir: Path) -> list[str]:
+    """Take back what MLflow did before calling _load_pyfunc: it put the model's ``code`` directory
+    on ``sys.path``. Returns the modules already imported from inside the model directory."""
+    inside = str(model_dir.resolve())
+    sys.path[:] = [p for p in sys.path if not (p and os.path.realpath(p).startswith(inside + os.sep))]
+    return sorted(name for name, module in list(sys.modules.items())
+                  if (getattr(module, "__file__", None) or "").startswith(inside + os.sep))
 
 
 def _load_pyfunc(path):
     """
     Load the ``python_function`` implementation; called by ``mlflow.pyfunc.load_model``.
 
+    MLflow has already put the model's ``code`` directory (if MLmodel names one) on ``sys.path``
+    when it calls this; the first thing done here is to check the directory and take it off again,
+    so code shipped in the model can not shadow a module imported from here on (see docs/flavor.md).
+
     Args:
         path: The flavor's data directory (``<model>/tunix``).
     """
     data_dir = Path(path)
-    # pyfunc hands over only the data directory; the MLmodel next to it holds the manifest's hash.
-    flavor_conf = _flavor_conf(data_dir.parent) if (data_dir.parent / MLMODEL_FILE_NAME).is_file() else {}
-    return _TunixPyfuncModel(_load_from_data_dir(data_dir, flavor_conf))
+    model_dir = data_dir.parent
+    allow = _code_allowed(None)
+    if not allow:
+        imported = _drop_model_code(model_dir)
+        if imported:
+            raise ModelLoadError(f"{model_dir}: MLflow imported code from the model directory before mlflow-tunix "
+                                 f"could refuse it ({', '.join(imported[:5])}); {_OPT_IN}")
+    flavors = _verified(model_dir, allow)
+    conf = flavors[FLAVOR_NAME]
+    if data_dir.resolve() != (model_dir / conf.get("data", DATA_PATH)).resolve():
+        raise ModelLoadError(f"{model_dir / MLMODEL_FILE_NAME}: python_function.data and {FLAVOR_NAME}.data differ")
+    loaded = _load_from_data_dir(data_dir)
+    if registered := _registered_version("models:/", model_dir):
+        _check_registered(*registered, loaded.module)
+    return _TunixPyfuncModel(loaded)
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,28 +864,45 @@ class _InvalidRequest(InputError, MlflowException):
     """
 
     def __init__(self, message: str):
+        self._own = message
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    # MLflow's scoring server rewrites the message to "Failed to predict data '<the whole request>'.
+    # Error: <ours>": a megabyte request would come back in the 400. Keep a short prefix of it.
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        own = getattr(self, "_own", value)
+        self._message = value if len(value) <= len(own) + 200 else f"{value[:120]}... {own}"
+
+
+def _columns(data: pd.DataFrame) -> str:
+    names = [str(c)[:40] for c in list(data.columns)[:20]]
+    return ", ".join(names) + (f", ... ({len(data.columns)} columns)" if len(data.columns) > 20 else "") or "none"
 
 
 def _prompts_from(data) -> list[str]:
-    """The prompts in a pyfunc input: a DataFrame with a ``prompt`` column, a list of strings,
-    a string, or ``{"prompt": str | [str]}``."""
+    """The prompts in a pyfunc input: a DataFrame with a ``prompt`` column (or with exactly one column,
+    whatever its name, as MLflow's own clients send a list), a list of strings, a string, or
+    ``{"prompt": str | [str]}``."""
     if isinstance(data, str):
         prompts = [data]
     elif isinstance(data, dict):
         if "prompt" not in data:
-            raise InputError(f"the request has no 'prompt' key (got keys: {', '.join(map(str, data)) or 'none'})")
+            raise InputError(f"the request has no 'prompt' key (got keys: {', '.join(str(k)[:40] for k in list(data)[:20]) or 'none'})")
         value = data["prompt"]
         prompts = [value] if isinstance(value, str) else list(np.asarray(value, dtype=object).reshape(-1))
     elif isinstance(data, pd.DataFrame):
         if "prompt" in data.columns:
             prompts = data["prompt"].tolist()
-        elif list(data.columns) == [0]:  # what MLflow makes of a plain string or list of strings
-            prompts = data[0].tolist()
+        elif len(data.columns) == 1:  # a list or a one-column table: the prompts, whatever the column's name
+            prompts = data.iloc[:, 0].tolist()
         else:
-            raise InputError(
-                f"the input has no 'prompt' column (got columns: {', '.join(map(str, data.columns)) or 'none'})"
-            )
+            raise InputError(f"the input has no 'prompt' column (got columns: {_columns(data)}); "
+                             f"with several columns, the prompts must be in one named 'prompt'")
         # MLflow turns {"prompt": [a, b]} into ONE row whose cell is the list: unpack it.
         if prompts and all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
             prompts = [q for p in prompts for q in np.asarray(p, dtype=object).reshape(-1)]
@@ -675,9 +921,12 @@ def _prompts_from(data) -> list[str]:
         )
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
-            raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__} {prompt!r}")
+            raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__} {short(prompt, 40)}")
         if not prompt.strip():
             raise InputError(f"prompt {i} is blank")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InputError(f"prompt {i} has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed "
+                             f"(no model's context holds more)")
     return prompts
 
 
@@ -693,8 +942,8 @@ class _TunixPyfuncModel:
     def predict(self, data, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """
         Args:
-            data: A DataFrame with a ``prompt`` column, a list of strings, a string, or
-                ``{"prompt": str | [str]}``; at most 256 prompts.
+            data: A DataFrame with a ``prompt`` column (or exactly one column, whatever its name),
+                a list of strings, a string, or ``{"prompt": str | [str]}``; at most 256 prompts.
             params: ``max_new_tokens``, ``temperature``, ``top_k``, ``seed`` for this request.
 
         Returns:
@@ -705,4 +954,10 @@ class _TunixPyfuncModel:
             results = self.model.generate(_prompts_from(data), **(params or {}))
         except InputError as exc:
             raise _InvalidRequest(str(exc)) from exc
-        return pd.DataFrame(results, columns=list(OUTPUT_COLUMNS))
+        return _results_frame(results)
+
+
+def _results_frame(results: list[dict]) -> pd.DataFrame:
+    # Object columns: pandas 3 infers a string dtype whose missing value is NaN, and NaN is not JSON
+    # (a served answer would read `"answer": NaN`); an object column keeps None, served as null.
+    return pd.DataFrame({c: pd.Series([r[c] for r in results], dtype=object) for c in OUTPUT_COLUMNS})

@@ -13,13 +13,20 @@ import inspect
 import random
 from typing import Callable
 
-from mlflow_tunix.errors import ConfigError
+from mlflow_tunix.errors import ConfigError, short
 
+# Ceilings (documented in docs/design.md), refused before any record is made: a million records is
+# more than any project here trains on, and a 100-digit sum's trace (one line per digit) already
+# outgrows every context these models have (Python also refuses to print ints over 4300 digits).
+MAX_N = 1_000_000
+MAX_DIGITS = 100
 
 
 def _check_n(name: str, n) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"generator {name!r}: n must be a positive integer, got {n!r}")
+        raise ConfigError(f"generator {name!r}: n must be a positive integer, got {short(n)}")
+    if n > MAX_N:
+        raise ConfigError(f"generator {name!r}: n must be at most {MAX_N}, got {n}")
     return n
 
 
@@ -63,11 +70,12 @@ def _digit_range(digits) -> tuple[int, int]:
         isinstance(digits, (tuple, list))
         and len(digits) == 2
         and all(isinstance(d, int) and not isinstance(d, bool) for d in digits)
-        and 1 <= digits[0] <= digits[1]
+        and 1 <= digits[0] <= digits[1] <= MAX_DIGITS
     )
     if not ok:
         raise ConfigError(
-            f"generator 'addition': digits must be (min, max) operand lengths with 1 <= min <= max, got {digits!r}"
+            f"generator 'addition': digits must be (min, max) operand lengths with 1 <= min <= max <= {MAX_DIGITS}, "
+            f"got {short(digits)}"
         )
     return digits[0], digits[1]
 
@@ -563,6 +571,6 @@ def generate(name: str, n: int | None = None, seed: int | None = None, **options
                 f"unknown option {key!r} for generator {name!r} (allowed: {', '.join(allowed) or 'none'})"
             )
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ConfigError(f"generator {name!r}: seed must be an integer, got {seed!r}")
+        raise ConfigError(f"generator {name!r}: seed must be an integer, got {short(seed)}")
     args = {"n": n, "seed": seed}
     return fn(**{k: v for k, v in args.items() if v is not None}, **options)

@@ -1,8 +1,10 @@
-"""A small decoder-only transformer in Flax NNX.
+"""A decoder-only transformer in Flax NNX: the Llama architecture and its Qwen2/Qwen3 variants.
 
 Reads top to bottom: the config, RMSNorm, rotary position embeddings, attention, the gated MLP,
 a block, the model, then ``build_model`` (the one place a model is built and its weights loaded)
-and the helpers that turn weights into a flat dict for saving.
+and the helpers that turn weights into a flat dict for saving. The maths is exactly that of
+Hugging Face's ``LlamaForCausalLM``/``Qwen2ForCausalLM``/``Qwen3ForCausalLM``, so their checkpoints
+load into it and every model trained here exports to one (``mlflow_tunix.hf``).
 
 Every weight is an ``nnx.Param`` and there is no other state, so the training step can work on
 the pure form::
@@ -13,6 +15,7 @@ the pure form::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -23,7 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
+from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError, short
+
+# Ceilings on a config's sizes: far above any model trained on this package's CPUs (or read from a
+# Hugging Face checkpoint), low enough that a typo (d_model: 1e9) is refused before anything is built.
+# Within them, check_memory compares the estimated memory with what the machine has.
+MAX_SIZES = {"vocab_size": 1 << 20, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "d_ff": 1 << 18,
+             "max_seq_len": 1 << 20, "n_kv_heads": 1024, "head_dim": 1 << 16}
+
+
+# The architectures a model can have, named as Hugging Face names them. All are Llama-shaped
+# (pre-norm RMSNorm, rotate-half RoPE, SwiGLU MLP, grouped-query attention); they differ in two
+# places: Qwen2 adds biases to the q/k/v projections, Qwen3 RMS-normalises each head of q and k.
+FAMILIES = ("llama", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -37,26 +52,51 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    family: str = "tunix-gpt"  # architecture name saved with the model (for future hf llama/qwen import)
+    family: str = "llama"  # one of FAMILIES
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
+    head_dim: int | None = None  # width of one head; None: d_model // n_heads
+    # A local Hugging Face folder to start from (mlflow_tunix.hf): its architecture, weights and
+    # tokenizer replace the fields above (max_seq_len caps its context) and tokenizer training.
+    init_from: str | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_heads:
+        def check_size(*names):
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ConfigError(f"model.{name} must be a positive integer, got {short(value)}")
+                if value > MAX_SIZES[name]:
+                    raise ConfigError(f"model.{name} must be at most {MAX_SIZES[name]}, got {value}")
+
+        check_size("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
+                                  f"({self.n_heads}), or give model.head_dim")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        check_size("n_kv_heads", "head_dim")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family: {short(self.family)} is not one of {', '.join(FAMILIES)}")
+        if self.n_heads % self.n_kv_heads:
             raise ConfigError(
-                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
             )
         if self.head_dim % 2:
             # RoPE rotates pairs of features, so each head needs an even width.
-            raise ConfigError(
-                f"model.d_model / model.n_heads must be even for rotary embeddings, got {self.head_dim}"
-            )
+            raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)!r}")
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def qkv_bias(self) -> bool:
+        return self.family == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family == "qwen3"
 
 
 # One entry per layer, each {"k": [B, S, H, Dh], "v": [B, S, H, Dh]}: a plain pytree, so it can
@@ -72,9 +112,13 @@ def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
 
 
+def _zeros(width: int) -> nnx.Param:
+    return nnx.Param(jnp.zeros((width,), jnp.float32))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))  # HF: "weight"
         self.eps = eps
 
     def __call__(self, x):
@@ -97,21 +141,32 @@ def apply_rope(x, sin, cos):
 
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        d = config.d_model
-        self.n_heads = config.n_heads
-        self.head_dim = config.head_dim
-        self.wq = _normal(rngs, (d, d), 0.02)
-        self.wk = _normal(rngs, (d, d), 0.02)
-        self.wv = _normal(rngs, (d, d), 0.02)
+        d, Dh = config.d_model, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, Dh
+        q_width, kv_width = config.n_heads * Dh, config.n_kv_heads * Dh
+        self.wq = _normal(rngs, (d, q_width), 0.02)
+        self.wk = _normal(rngs, (d, kv_width), 0.02)
+        self.wv = _normal(rngs, (d, kv_width), 0.02)
         # GPT-2: scale the projections that write into the residual stream by depth.
-        self.wo = _normal(rngs, (d, d), 0.02 / math.sqrt(2 * config.n_layers))
+        self.wo = _normal(rngs, (q_width, d), 0.02 / math.sqrt(2 * config.n_layers))
+        if config.qkv_bias:  # Qwen2: biases on q, k and v
+            self.bq, self.bk, self.bv = _zeros(q_width), _zeros(kv_width), _zeros(kv_width)
+        else:
+            self.bq = self.bk = self.bv = None
+        # Qwen3: each head of q and k is RMS-normalised before RoPE.
+        self.q_norm = RMSNorm(Dh, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(Dh, config.norm_eps) if config.qk_norm else None
 
     def __call__(self, x2d, B: int, T: int, sin, cos, mask, layer_cache=None, cache_index=None):
         """x2d [B*T, d]; mask bool [B, T, S]. Returns ([B*T, d], new layer cache or None)."""
-        H, Dh = self.n_heads, self.head_dim
-        q = apply_rope((x2d @ self.wq).reshape(B, T, H, Dh), sin, cos)
-        k = apply_rope((x2d @ self.wk).reshape(B, T, H, Dh), sin, cos)
-        v = (x2d @ self.wv).reshape(B, T, H, Dh)
+        H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = x2d @ self.wq, x2d @ self.wk, x2d @ self.wv
+        if self.bq is not None:
+            q, k, v = q + self.bq, k + self.bk, v + self.bv
+        q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
 
         new_cache = None
         if layer_cache is not None:
@@ -122,6 +177,9 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
             new_cache = {"k": k, "v": v}
 
+        if K != H:
+            # Grouped-query attention: each key/value head serves H // K query heads (HF's repeat_kv).
+            k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
         scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, None], scores / math.sqrt(Dh), _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -207,44 +265,113 @@ class Transformer(nnx.Module):
             raise InputError(
                 f"KV cache of {max_len} tokens exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        shape = (batch_size, max_len, self.config.n_heads, self.config.head_dim)
+        shape = (batch_size, max_len, self.config.n_kv_heads, self.config.head_dim)
         return [
             {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(self.config.n_layers)
         ]
 
 
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight of a model with this config, without building it.
+
+    Shapes come from an abstract one-layer model, repeated for each block: ``nnx.eval_shape`` of the
+    whole model grows with the square of n_layers (5 s at 64 layers), this grows linearly.
+    """
+    abstract = nnx.eval_shape(lambda: Transformer(dataclasses.replace(config, n_layers=1), rngs=nnx.Rngs(0)))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name, shape = _dotted(path), tuple(var.shape)
+        if name.startswith("blocks.0."):
+            for i in range(config.n_layers):
+                shapes[f"blocks.{i}.{name[len('blocks.0.'):]}"] = shape
+        else:
+            shapes[name] = shape
+    return shapes
+
+
+def check_param_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Weights named and shaped as this config's model needs, else ModelLoadError naming the first
+    missing, unexpected or misshapen one (called on a safetensors header, before anything is loaded)."""
+    expected = param_shapes(config)
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        raise ModelLoadError(f"unexpected parameter {short(unexpected[0])} for this {config.family} model config "
+                             f"(n_layers={config.n_layers})")
+    for key, shape in expected.items():
+        if key not in shapes:
+            raise ModelLoadError(f"missing parameter {key!r} (model config n_layers={config.n_layers})")
+        if tuple(shapes[key]) != shape:
+            raise ModelLoadError(
+                f"parameter {key!r} has shape {tuple(shapes[key])}, expected {shape} from the model config"
+            )
+
+
+def memory_estimate(config: ModelConfig, *, batch_size: int = 1, training: bool = False) -> int:
+    """Bytes a model with this config needs, roughly: float32 weights (with gradients and two Adam moments
+    when training, or the file's copy while loading) plus the activations of one batch at full length."""
+    n_params = sum(math.prod(shape) for shape in param_shapes(config).values())
+    T, L = config.max_seq_len, config.n_layers
+    per_layer = batch_size * T * (6 * config.d_model + 3 * config.d_ff + config.n_heads * T)
+    activations = 4 * (L * per_layer * (2 if training else 1) + batch_size * T * config.vocab_size * (3 if training else 1))
+    return n_params * (16 if training else 8) + activations
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(config: ModelConfig, *, batch_size: int = 1, training: bool = False) -> None:
+    """ConfigError (one line: how much it would need) when the model cannot fit in available memory."""
+    need, have = memory_estimate(config, batch_size=batch_size, training=training), available_memory()
+    if have is not None and need > have:
+        doing = f"training with batch_size {batch_size}" if training else "loading"
+        raise ConfigError(f"model: {doing} this model would need about {need / 2**30:.1f} GiB of memory "
+                          f"(d_model={config.d_model}, n_layers={config.n_layers}, vocab_size={config.vocab_size}); "
+                          f"{have / 2**30:.1f} GiB are available")
+
+
 def build_model(
-    config: ModelConfig, *, seed: int = 0, params: Mapping[str, np.ndarray] | None = None
+    config: ModelConfig, *, seed: int = 0, params: Mapping[str, np.ndarray] | None = None, dtype=None
 ) -> Transformer:
     """Build a Transformer: randomly initialised from seed, or with the given weights.
 
-    params is a flat dict as returned by flat_params. A missing or unexpected key, or a shape
-    that does not match the config, raises ModelLoadError naming the key.
+    params is a flat dict as returned by flat_params (or any mapping with those keys: hf.py
+    passes one that reads each tensor from disk when asked). A missing or unexpected key, or a
+    shape that does not match the config, raises ModelLoadError naming the key. dtype: the dtype
+    the given weights are stored in (default float32). A model that would not fit in the machine's
+    memory raises ConfigError before anything is allocated.
     """
+    check_memory(config)
+    # Built for real: linear in n_layers (tracing it abstractly with nnx.eval_shape grows with the square).
+    model = Transformer(config, rngs=nnx.Rngs(seed))
     if params is None:
-        return Transformer(config, rngs=nnx.Rngs(seed))
-
-    # Build only the shapes (no random init), then fill them with the given weights.
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
-    graphdef, state = nnx.split(abstract, nnx.Param)
-    expected = {_dotted(path): var for path, var in nnx.to_flat_state(state)}
-    unexpected = sorted(set(params) - set(expected))
+        return model
+    weights = {_dotted(path): var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
+    unexpected = sorted(set(params) - set(weights))
     if unexpected:
-        raise ModelLoadError(f"unexpected parameter {unexpected[0]!r} for this {config.family} model config")
-    loaded = []
-    for path, var in nnx.to_flat_state(state):
-        key = _dotted(path)
+        raise ModelLoadError(f"unexpected parameter {short(unexpected[0])} for this {config.family} model config")
+    # One tensor at a time, in place: each random initial value is dropped as its weight arrives, so
+    # a streamed checkpoint is never held twice.
+    for key, var in weights.items():
         if key not in params:
             raise ModelLoadError(f"missing parameter {key!r}")
-        value = np.asarray(params[key])
+        value = jnp.asarray(params[key], dtype=dtype or var.get_value().dtype)
         if value.shape != tuple(var.shape):
             raise ModelLoadError(
                 f"parameter {key!r} has shape {value.shape}, "
                 f"expected {tuple(var.shape)} from the model config"
             )
-        loaded.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+        var.set_value(value)
+    return model
 
 
 def _dotted(path) -> str:

@@ -28,7 +28,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from mlflow_tunix import data as data_mod
-from mlflow_tunix import flavor, generators, registry, runs
+from mlflow_tunix import flavor, generators, hf, registry, runs
 from mlflow_tunix import resume as resume_mod  # (run_main's keyword argument is called resume)
 from mlflow_tunix.config import DataSource, ProjectConfig, from_dict, to_dict
 from mlflow_tunix.errors import DataError, ResumableError, TunixError
@@ -108,7 +108,8 @@ class Prepared:
     tokenizer: Any
     train_tok: TokenizedData
     eval_tok: TokenizedData | None  # None when no eval example has a completion
-    model_cfg: Any  # model.ModelConfig with the tokenizer's vocab_size
+    model_cfg: Any  # model.ModelConfig with the tokenizer's vocab_size, or the checkpoint's
+    init_model: Any = None  # the imported checkpoint's Transformer (model.init_from), else None
 
 
 def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
@@ -117,12 +118,20 @@ def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
 
     Raises DataError (a bad file) or ConfigError (a value that does not fit this data). Starts no
     MLflow run. ``tokenizer``: use this one (a resumed run's own) instead of training one.
+    With ``model.init_from`` the checkpoint brings the architecture, the weights and the tokenizer.
     """
     ds = build_datasets(cfg)
     check_batch_size(cfg.train.batch_size, len(ds.train))
+    model_cfg, init_model = cfg.model, None
+    if cfg.model.init_from:
+        beside_config = Path(cfg.base_dir) / cfg.model.init_from  # a relative folder is relative to the config
+        source = beside_config if beside_config.is_dir() else cfg.model.init_from
+        ckpt = hf.load_checkpoint(source, max_seq_len=cfg.model.max_seq_len)
+        init_model, model_cfg = ckpt.model, ckpt.model.config
+        tokenizer = tokenizer or ckpt.tokenizer
 
     def pairs(examples):
-        return [data_mod.render_prompt(ex.prompt, cfg.data.template) for ex in examples], [ex.completion for ex in examples]
+        return [data_mod.render_prompt(ex.prompt, cfg.data.template, tokenizer) for ex in examples], [ex.completion for ex in examples]
 
     prompts, completions = pairs(ds.train)
     if tokenizer is None:
@@ -132,7 +141,9 @@ def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
     with_completion = [ex for ex in ds.eval if ex.completion is not None]
     eval_tok = (tokenize_pairs(*pairs(with_completion), tokenizer, max_len=max_len, what="held-out example")
                 if with_completion else None)
-    return Prepared(ds, tokenizer, train_tok, eval_tok, dataclasses.replace(cfg.model, vocab_size=len(tokenizer)))
+    if init_model is None:
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=len(tokenizer))
+    return Prepared(ds, tokenizer, train_tok, eval_tok, model_cfg, init_model)
 
 
 # --------------------------------------------------------------------------- the job
@@ -146,9 +157,13 @@ class MainResult:
 
 
 def run_main(cfg: ProjectConfig | None, *, evaluate_model: bool = True, register: bool = True,
-             progress: bool = True, resume: str | None = None) -> MainResult:
+             progress: bool = True, resume: str | None = None, tags: dict | None = None,
+             wrap_tracker=None) -> MainResult:
     """The whole job in one MLflow run; ``resume=RUN_ID`` continues that run instead, from its
     newest checkpoint, with its own config (``cfg`` is then ignored and may be None).
+
+    ``tags`` go on the new run as it starts (``mlflow.parentRunId`` nests it); ``wrap_tracker(tracker,
+    run_id)`` may wrap the trainer's tracker (a sweep reports the loss to Ray Tune through it).
 
     Errors, in the order they can happen (see docs/fault-tolerance.md):
     a config value that does not fit the data -> ConfigError, no run started (a run ``mlflow run``
@@ -170,8 +185,8 @@ def run_main(cfg: ProjectConfig | None, *, evaluate_model: bool = True, register
             cfg = target.cfg
             log(f"resuming run {resume} (project {cfg.name}) from {target.run_dir}")
         prep = _prepare_in_run_if_any(cfg, target)
-        run = stack.enter_context(runs.mlflow_run(_run_name(cfg), run_id=resume))
-        job = _Job(cfg, prep, run.info.run_id, run.info.experiment_id, target)
+        run = stack.enter_context(runs.mlflow_run(_run_name(cfg), run_id=resume, tags=tags))
+        job = _Job(cfg, prep, run.info.run_id, run.info.experiment_id, target, wrap_tracker)
         if target is None:
             stack.enter_context(resume_mod.run_dir_lock(job.run_dir, job.run_id))
         job.start()
@@ -185,7 +200,7 @@ def run_main(cfg: ProjectConfig | None, *, evaluate_model: bool = True, register
         if register:  # the very last step: nothing before it can leave a registered version behind
             with job.stage("registering the model"):
                 version = job.register(info, metrics)
-        log(f"compare runs: {runs.ui_link(job.experiment_id)}")
+        log(f"compare runs: {runs.table_link(job.experiment_id)}")
         return MainResult(job.run_id, job.experiment_id, metrics, info.model_uri, version)
 
 
@@ -220,6 +235,7 @@ class _Job:
     run_id: str
     experiment_id: str
     target: resume_mod.Resume | None
+    wrap_tracker: Any = None  # (tracker, run_id) -> a Tracker that passes everything on
 
     def __post_init__(self):
         self.resumed = self.target is not None
@@ -256,7 +272,7 @@ class _Job:
     def train(self, progress: bool):
         """Build the model and train it, checkpointed; metrics go through one MlflowTracker."""
         prep = self.prep
-        model = build_model(prep.model_cfg, seed=self.cfg.train.seed)
+        model = prep.init_model if prep.init_model is not None else build_model(prep.model_cfg, seed=self.cfg.train.seed)
         seq_len = prep.train_tok.tokens.shape[1]
         if not (self.resumed and "model.param_count" in self.target.params):
             MlflowTracker(self.run_id).log_params({"model.vocab_size": prep.model_cfg.vocab_size,
@@ -264,7 +280,8 @@ class _Job:
         log(f"model: {param_count(model):,} params, vocab {prep.model_cfg.vocab_size}, seq_len {seq_len}")
         tracker = MlflowTracker(self.run_id, skip_logged=self.resumed, spill_path=self.spill)
         try:
-            result = train(model, prep.train_tok, self.cfg.train, eval_data=prep.eval_tok, tracker=tracker,
+            wrapped = self.wrap_tracker(tracker, self.run_id) if self.wrap_tracker else tracker
+            result = train(model, prep.train_tok, self.cfg.train, eval_data=prep.eval_tok, tracker=wrapped,
                            progress=progress, checkpoint_dir=self.checkpoints, resume=self.resumed)
         except KeyboardInterrupt as exc:
             exc.run_id = self.run_id  # the CLI says how to continue

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import random
-import tempfile
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,7 +43,8 @@ RUN_VERSION_TAG = "mlflow_tunix.registered_version"
 LEADERBOARD_METRIC_TAG = "mlflow_tunix.leaderboard_metric"
 # Text of the description above this heading is the user's and survives rewrites.
 DESCRIPTION_HEADING = "### Leaderboard"
-DESCRIPTION_MAX_CHARS = 5000  # registered_models.description is VARCHAR(5000) in MLflow's SQL schema
+DESCRIPTION_MAX_CHARS = 5000
+DEFAULT_LOCK_WAIT = 600.0  # seconds a registration or promotion waits for another one of the same model  # registered_models.description is VARCHAR(5000) in MLflow's SQL schema
 
 
 @dataclass
@@ -138,29 +139,58 @@ def _registry_uri(client) -> str:
     return uri
 
 
+def lock_dir() -> str:
+    """Where the registry locks live: ``$XDG_CACHE_HOME/mlflow-tunix/locks`` (default ``~/.cache/...``),
+    a directory only this user can write (0700), so no other local user can hold or swap a lock."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "mlflow-tunix", "locks")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.stat(path)
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        raise TunixError(f"{path}: the registry lock directory must belong to you and be writable by you only "
+                         f"(chmod 700 {path})")
+    return path
+
+
 @contextlib.contextmanager
-def _model_lock(client, name: str):
+def _model_lock(client, name: str, wait: float | None = DEFAULT_LOCK_WAIT):
     """Hold an exclusive lock on (registry URI, model name) across processes *on this machine*.
 
     Moving a stage and an alias is several MLflow calls, and two promotions interleaving them can
     leave two Production versions or an alias on an archived one. The lock is ``flock`` on a file
-    in the temp directory, so it serializes every `mlflow-tunix` process of this machine (whether
-    the registry is a sqlite file or a tracking server), but not processes on other machines
+    in :func:`lock_dir`, so it serializes every `mlflow-tunix` process of this user (whether the
+    registry is a sqlite file or a tracking server), but not processes of other users or machines
     sharing a tracking server: MLflow has no registry lock of its own. For that case every
     promotion ends with a reconcile (one Production version, alias on it), which repairs the
     state left by a lost race without guaranteeing which of two simultaneous promotions wins.
+
+    A held lock is waited for with a message, at most ``wait`` seconds (None: no limit).
     """
     key = hashlib.sha256(f"{_registry_uri(client.client)}\n{name}".encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"mlflow-tunix-registry-{key}.lock")
     try:
         import fcntl
     except ImportError:  # Windows: no flock; the final reconcile still applies
         yield
         return
-    # Read-only is enough for flock and works on a lock file another user created.
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    path = os.path.join(lock_dir(), f"registry-{key}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            limit = "no limit" if wait is None else f"up to {wait:g} s"
+            print(f"[mlflow-tunix] waiting for another process registering or promoting {name!r} ({limit})",
+                  file=sys.stderr, flush=True)
+            deadline = None if wait is None else time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TunixError(f"gave up after {wait:g} s waiting for another process registering or "
+                                         f"promoting {name!r} (lock {path}); nothing changed") from None
+                    time.sleep(0.1)
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -273,7 +303,8 @@ def leaderboard(name: str, *, metric: str = DEFAULT_METRIC, eval_digest: str | N
     for alias, version in sorted(model.aliases.items()):
         aliases.setdefault(str(version), []).append(alias)
 
-    rows = [_row(mv, aliases.get(str(mv.version), [])) for mv in _all_versions(client, name)]
+    rows = [_row(mv, aliases.get(str(mv.version), []), _logged_metrics(client, mv))
+            for mv in _all_versions(client, name)]
     if eval_digest is not None:
         rows = [r for r in rows if r["eval_digest"] == eval_digest]
     if stage is not None:
@@ -284,16 +315,36 @@ def leaderboard(name: str, *, metric: str = DEFAULT_METRIC, eval_digest: str | N
     return rows[:top] if top else rows
 
 
-def _row(mv, aliases: list[str]) -> dict:
-    metrics = {}
+def _logged_metrics(client, mv) -> dict[str, float]:
+    """The metrics the version's source run logged (the version's run_id is set at creation; tags can be edited)."""
+    from mlflow.exceptions import MlflowException
+
+    if not mv.run_id:
+        return {}
+    try:
+        return dict(client.get_run(mv.run_id).data.metrics)
+    except MlflowException:  # the run was deleted: its version has no scores
+        return {}
+
+
+def _row(mv, aliases: list[str], logged: Mapping[str, float]) -> dict:
+    """One leaderboard row. Scores are the source run's metrics; the ``metric.<name>`` tags only say which
+    metrics are eval scores. A tag that disagrees with its run is recorded in ``mismatches``."""
+    metrics, mismatches = {}, {}
     for key, value in mv.tags.items():
-        if key.startswith(METRIC_TAG_PREFIX):
-            try:
-                number = float(value)
-            except ValueError:
-                continue
-            if math.isfinite(number):  # NaN would rank anywhere and break the json output
-                metrics[key[len(METRIC_TAG_PREFIX) :]] = number
+        if not key.startswith(METRIC_TAG_PREFIX):
+            continue
+        name = key[len(METRIC_TAG_PREFIX) :]
+        number = logged.get(name)
+        if number is None or not math.isfinite(number):  # NaN would rank anywhere and break the json output
+            continue
+        metrics[name] = number
+        try:
+            tagged = float(value)
+        except ValueError:
+            tagged = math.nan
+        if not math.isclose(tagged, number, rel_tol=1e-9, abs_tol=1e-12):
+            mismatches[name] = value[:40]
     created = datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=datetime.timezone.utc)
     return {
         "rank": None,
@@ -301,10 +352,11 @@ def _row(mv, aliases: list[str]) -> dict:
         "stage": mv.current_stage or "None",
         "aliases": aliases,
         "metrics": dict(sorted(metrics.items())),
-        "run_id": mv.tags.get("run_id") or mv.run_id or "",
+        "run_id": mv.run_id or mv.tags.get("run_id") or "",
         "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "eval_digest": mv.tags.get("eval_digest"),
         "eval_dataset": mv.tags.get("eval_dataset"),
+        "mismatches": mismatches,
     }
 
 
@@ -361,12 +413,18 @@ def render_description(rows: list[dict], metric: str) -> str:
     text = "\n".join(head)
     for i, r in enumerate(rows):
         line = (f"\n| {r['rank']} | {r['version']} | {r['stage']} | {' '.join('@' + a for a in r['aliases'])} "
-                f"| {_number(r['metrics'].get(metric))} | {_other_metrics(r, metric)} | `{r['run_id']}` |")
+                f"| {_number(r['metrics'].get(metric))} | {_other_metrics(r, metric)} | {_run_link(r['run_id'])} |")
         more = f"\n\n{len(rows) - i} more versions: see `mlflow-tunix leaderboard`."
         if len(text) + len(line) + len(more) > DESCRIPTION_MAX_CHARS - 500:  # room for the user's own text
             return text + more
         text += line
     return text
+
+
+def _run_link(run_id: str) -> str:
+    """The run id as a link the MLflow UI follows from the model's page (its /runs/<id> route finds
+    the run's experiment itself)."""
+    return f"[{run_id}](#/runs/{run_id})" if run_id else ""
 
 
 def _rewrite_description(client, name: str) -> None:
@@ -379,17 +437,24 @@ def _rewrite_description(client, name: str) -> None:
 
 # --------------------------------------------------------------------------- promote
 def promote(name: str, *, version: str | None = None, best: bool = False, metric: str = DEFAULT_METRIC,
-            max_regression: float = 0.05, client=None) -> Promotion:
+            max_regression: float = 0.05, wait: float | None = DEFAULT_LOCK_WAIT, client=None) -> Promotion:
     """Move a version (``version``, or with ``best`` the top of the leaderboard) to Production and @champion.
 
     Refused (TunixError) when the challenger was evaluated on another eval set than the champion,
     or its ``metric`` is below the champion's by more than ``max_regression`` (relative). The former
-    Production version is archived. Promoting the champion again changes nothing.
+    Production version is archived. Promoting the champion again changes nothing. A version whose
+    ``metric.<name>`` tag differs from what its run logged is refused, naming both. Waits at most
+    ``wait`` seconds for another registration or promotion of the same model.
     """
     if (version is None) == (not best):
         raise TunixError("give exactly one of version or best=True")
+    if isinstance(max_regression, bool) or not isinstance(max_regression, (int, float)) \
+            or not 0.0 <= max_regression <= 1.0:  # also refuses NaN, which would switch the gate off
+        raise TunixError(f"--max-regression must be a number in [0, 1], got {str(max_regression)[:40]}")
+    if wait is not None and not (isinstance(wait, (int, float)) and 0 <= wait < math.inf):
+        raise TunixError(f"--wait must be a number of seconds >= 0, got {str(wait)[:40]}")
     client = _client(client)
-    with _model_lock(client, name):
+    with _model_lock(client, name, wait):
         rows = leaderboard(name, metric=metric, client=client)
         if best:
             if not rows or metric not in rows[0]["metrics"]:
@@ -401,6 +466,7 @@ def promote(name: str, *, version: str | None = None, best: bool = False, metric
             if challenger is None:
                 known = ", ".join(sorted((r["version"] for r in rows), key=int)) or "none"
                 raise TunixError(f"{name!r} has no version {version!r} (versions: {known})")
+        _check_tags(name, challenger, metric)
         champion = _champion(rows)
         if champion is not None and champion is not challenger:
             _gate(name, challenger, champion, metric, max_regression)
@@ -435,8 +501,17 @@ def _champion(rows: list[dict]) -> dict | None:
     return max(production, key=lambda r: int(r["version"])) if production else None
 
 
+def _check_tags(name: str, row: dict, metric: str) -> None:
+    if metric in row["mismatches"]:
+        raise TunixError(
+            f"refused: {name} v{row['version']} is tagged {METRIC_TAG_PREFIX}{metric}={row['mismatches'][metric]} "
+            f"but its run {row['run_id']} logged {metric} {_number(row['metrics'][metric])}; the tag was edited "
+            f"(scores are read from the run)")
+
+
 def _gate(name: str, challenger: dict, champion: dict, metric: str, max_regression: float) -> None:
     c, p = challenger["version"], champion["version"]
+    _check_tags(name, champion, metric)
     if challenger["eval_digest"] != champion["eval_digest"]:
         raise TunixError(
             f"refused: {name} v{c} was evaluated on eval set {_digest(challenger)} but champion v{p} on "

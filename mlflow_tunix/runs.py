@@ -48,9 +48,10 @@ PARAMS_SHA256_TAG = "mlflow_tunix.params_sha256"
 
 # --------------------------------------------------------------------------- a run's life
 @contextlib.contextmanager
-def mlflow_run(run_name: str | None, run_id: str | None = None):
+def mlflow_run(run_name: str | None, run_id: str | None = None, tags: dict | None = None):
     """Start (or, under ``mlflow run``, attach to) a run, or continue run ``run_id``; end it
-    FAILED/KILLED if anything escapes.
+    FAILED/KILLED if anything escapes. ``tags`` go on a new run as it starts (a sweep's trial gets
+    ``mlflow.parentRunId`` so, nested under the sweep's run).
 
     Continuing a run under ``mlflow run`` leaves the run ``mlflow run`` made empty but for a tag
     (``mlflow_tunix.resumed_run``) and a note naming the run that was continued.
@@ -64,7 +65,8 @@ def mlflow_run(run_name: str | None, run_id: str | None = None):
             client.set_tag(wrapper, "mlflow.note.content", f"This `mlflow run` continued run {run_id}; "
                                                            "its results are logged there.")
     else:
-        run = mlflow.start_run(run_name=None if wrapper else run_name, log_system_metrics=_system_metrics_available())
+        run = mlflow.start_run(run_name=None if wrapper else run_name, tags=tags,
+                               log_system_metrics=_system_metrics_available())
         if wrapper and run_name:  # `mlflow run` names its run at random: give it the project's name
             mlflow.set_tag("mlflow.runName", run_name)
     try:
@@ -156,6 +158,33 @@ def ui_link(experiment_id: str, run_id: str | None = None) -> str:
     if run_id:
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"{base}/#/experiments/{experiment_id}/runs?orderByKey=metrics.%60answer_accuracy%60&orderByAsc=false"
+
+
+# The runs table's columns in the link the job prints (MLflow keeps chosen columns out of the URL).
+TABLE_COLUMNS = ("answer_accuracy", "format_rate", "mean_new_tokens", "final_loss", "train_seconds")
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a view of the runs table, as the UI's Share button saves it
+
+
+def table_link(experiment_id: str, metrics=TABLE_COLUMNS, params=(), sort: str = "answer_accuracy") -> str:
+    """A link to the runs table sorted by ``sort`` (best first) that shows ``metrics`` and ``params``
+    as columns.
+
+    MLflow's URL holds the sort but not the columns; its "Share" button saves the whole view as an
+    experiment tag and links to it by key (``?viewStateShareKey=``). This does the same: the key is
+    the view's hash, so asking again for the same view writes the same tag. Falls back to the plain
+    sorted link if the tag cannot be written."""
+    def column(kind, name):
+        return f"{kind}.`{name}`"
+
+    view = {"orderByKey": column("metrics", sort), "orderByAsc": False,
+            "selectedColumns": [column("metrics", m) for m in metrics] + [column("params", p) for p in params]}
+    text = json.dumps(view, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        MlflowClient().set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, text)
+    except Exception:  # a link is not worth failing a run for
+        return ui_link(experiment_id)
+    return ui_link(experiment_id).split("?")[0] + f"?viewStateShareKey={key}"
 
 
 # --------------------------------------------------------------------------- what a run logs

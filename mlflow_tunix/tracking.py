@@ -1,6 +1,6 @@
 """The one small interface every stage logs through.
 
-Stages call ``tracker.log_scalar(name, value, step)`` (and the few other methods below) and never
+The trainer calls ``tracker.log_scalar(name, value, step)`` (and ``flush``/``sync``/``close``) and never
 learn where their figures end up. :class:`MlflowTracker` is the backend used by the pipeline; it
 buffers scalars and sends them in batches from a background thread so the training loop never
 waits on the tracking server. :class:`NullTracker` drops everything (library use, tests of a
@@ -22,17 +22,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Protocol
 
 from mlflow_tunix.errors import DataError
 
 
 class Tracker(Protocol):
+    """What the trainer calls (the shape of a Tunix metrics-logger backend, plus ``sync``)."""
+
     def log_scalar(self, name: str, value: float, step: int) -> None: ...
-
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -51,12 +49,6 @@ class NullTracker:
     def log_scalar(self, name, value, step):
         self.last[name] = float(value)
         self.history.setdefault(name, []).append((int(step), float(value)))
-
-    def log_params(self, params):
-        pass
-
-    def set_tags(self, tags):
-        pass
 
     def flush(self):
         pass

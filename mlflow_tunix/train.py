@@ -28,9 +28,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mlflow_tunix import lora
 from mlflow_tunix.checkpoint import Checkpoints, StopOnSignal, TrainingInterrupted, arrays_digest, state_signature
-from mlflow_tunix.errors import ConfigError, TrainingError
+from mlflow_tunix.errors import ConfigError, TrainingError, short
+from mlflow_tunix.lora import LoraConfig
 from mlflow_tunix.tracking import NullTracker, Tracker
+
+
+# Ceilings (documented in docs/design.md): far beyond a CPU run, refused before a run starts.
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 65_536
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # an Orbax checkpoint every N steps and at the last one (0 = none)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept, older ones deleted
     checkpoint_dir: str = ""  # runs keep their checkpoints in <checkpoint_dir>/<run id>/ ("": see resume.checkpoint_root)
+    lora: LoraConfig | None = None  # {rank, alpha, targets}: train low-rank adapters only (lora.py)
 
     def __post_init__(self):
         # Checked here, so a TrainConfig built in code is checked too: each of these, out of range,
@@ -65,6 +73,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: {message}, got {getattr(self, name)}")
         if not isinstance(self.group_by_length, bool):
             raise ConfigError(f"train.group_by_length: must be true or false, got {self.group_by_length!r}")
+        for name, highest in (("steps", MAX_STEPS), ("batch_size", MAX_BATCH_SIZE)):
+            if getattr(self, name) > highest:
+                raise ConfigError(f"train.{name}: must be at most {highest}, got {getattr(self, name)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            # numpy's and JAX's generators take an unsigned 32-bit seed; -1 used to end in a numpy traceback.
+            raise ConfigError(f"train.seed: must be an integer between 0 and {2**32 - 1}, got {short(self.seed)}")
         for name, lowest, meaning in (("checkpoint_every", 0, " (0 = no checkpoints)"), ("keep_checkpoints", 1, ""),
                                       ("eval_batches", 1, "")):
             value = getattr(self, name)
@@ -196,8 +210,15 @@ def completion_loss(graphdef, params, tokens, loss_mask):
     return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def train_step(graphdef, tx, state: TrainState, batch) -> tuple[TrainState, dict]:
-    loss, grads = jax.value_and_grad(completion_loss, argnums=1)(graphdef, state.params, batch["tokens"], batch["loss_mask"])
+def train_step(graphdef, tx, state: TrainState, batch, base=None, lora_scale: float = 0.0) -> tuple[TrainState, dict]:
+    """One AdamW step. With ``base`` (LoRA), ``state.params`` are the adapters and the gradient
+    reaches only them: the model runs on the frozen base weights with the adapters merged in."""
+    def loss_fn(params):
+        if base is not None:
+            params = lora.merged(base, params, lora_scale)
+        return completion_loss(graphdef, params, batch["tokens"], batch["loss_mask"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state), {"loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -219,8 +240,9 @@ def resume_key(config: TrainConfig, model_config, state, data: TokenizedData) ->
     """Everything a checkpoint must agree on to be resumed into this run (JSON-ready): the
     TrainConfig fields the weights depend on (the seed fixes the batch order), the whole model
     config, the state's shapes and the training tokens."""
-    key = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in NOT_IN_WEIGHTS}
-    key["model"] = json.loads(json.dumps(dataclasses.asdict(model_config)))  # tuples as JSON lists, like the saved info
+    key = {name: value for name, value in dataclasses.asdict(config).items() if name not in NOT_IN_WEIGHTS}
+    key["model"] = dataclasses.asdict(model_config)
+    key = json.loads(json.dumps(key))  # as the checkpoint's JSON info holds it (tuples as lists)
     key["state"] = state_signature(state)
     key["data_sha256"] = arrays_digest(data.tokens, data.loss_mask)
     return key
@@ -241,6 +263,8 @@ class TrainResult:
     tokens_per_sec: float
     seconds: float
     first_step: int = 0  # > 0 when resumed from the checkpoint of that step
+    trained_params: int = 0  # parameters the optimizer updated (all of them, or the LoRA adapters)
+    optimizer_state_size: int = 0  # numbers in the optimizer state
 
 
 def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: TokenizedData | None = None,
@@ -256,11 +280,19 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     """
     tx, schedule = make_optimizer(config)
     graphdef, state = init_state(model, tx)
-    step_fn = jax.jit(functools.partial(train_step, graphdef, tx), donate_argnums=0)
+    base, scale = None, 0.0
+    if config.lora is not None:
+        # The model's weights become the frozen base; the state trains only the adapters.
+        base, scale = state.params, config.lora.scale
+        adapters = lora.init_adapters(base, config.lora, config.seed)
+        state = TrainState(state.step, adapters, tx.init(adapters))
+    jitted_step = jax.jit(functools.partial(train_step, graphdef, tx, lora_scale=scale), donate_argnums=0)
+    step_fn = functools.partial(jitted_step, base=base)
+    jitted_eval = jax.jit(lambda params, tokens, mask, base: completion_loss(
+        graphdef, params if base is None else lora.merged(base, params, scale), tokens, mask))
     lengths = _lengths(data) if config.group_by_length else None
     sampler = BatchSampler(len(data.tokens), config.batch_size, config.seed, lengths)
-    loop = _Loop(config, tracker or NullTracker(), schedule, jax.jit(functools.partial(completion_loss, graphdef)),
-                 eval_data, state)
+    loop = _Loop(config, tracker or NullTracker(), schedule, functools.partial(jitted_eval, base=base), eval_data, state)
     if checkpoint_dir is not None and config.checkpoint_every:
         loop.open_checkpoints(checkpoint_dir, resume_key(config, model.config, state, data), resume)
 
@@ -275,17 +307,24 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
                     width = min(width, -(-int(lengths[idx].max()) // LENGTH_STEP) * LENGTH_STEP)
                 batch = {"tokens": data.tokens[idx, :width], "loss_mask": data.loss_mask[idx, :width]}
                 loop.state, metrics = step_fn(loop.state, batch)
-                loop.after_step(step, metrics, batch["tokens"].size, interrupted=stop.signum is not None)
+                signum = stop.signum  # read once: a signal may land at any moment
+                loop.after_step(step, metrics, batch["tokens"].size, interrupted=signum is not None)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loop.final_loss:.4f}", tok_s=f"{loop.tokens_per_sec:,.0f}", refresh=False)
-                if stop.signum is not None:
-                    raise TrainingInterrupted(step + 1, stop.signum, loop.checkpoint_path(step + 1))
+                if signum is not None:
+                    raise TrainingInterrupted(step + 1, signum, loop.checkpoint_path(step + 1))
     finally:
         bar.close()
         loop.close()
     seconds = time.perf_counter() - start
-    return TrainResult(nnx.merge(graphdef, loop.state.params), loop.final_loss, loop.eval_loss, config.steps,
-                       loop.total_tokens / max(seconds, 1e-9), seconds, loop.first_step)
+    params = loop.state.params if base is None else lora.merged(base, loop.state.params, scale)  # saved merged
+    return TrainResult(nnx.merge(graphdef, params), loop.final_loss, loop.eval_loss, config.steps,
+                       loop.total_tokens / max(seconds, 1e-9), seconds, loop.first_step,
+                       _size(loop.state.params), _size(loop.state.opt_state))
+
+
+def _size(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
 
 
 def _lengths(data: TokenizedData) -> np.ndarray:

@@ -56,13 +56,6 @@ def tracking_uri(tmp_path, monkeypatch):
         mlflow.end_run()
 
 
-@pytest.fixture
-def fixtures_dir():
-    if not FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
-    return FIXTURES
-
-
 def cli_env(tracking_uri: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") or k.startswith("MLFLOW_TUNIX_")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(REPO), MLFLOW_TUNIX_SYSTEM_METRICS="0", **extra)
@@ -131,11 +124,12 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 30) -> None:
     proc.wait()
 
 
-def start_mlflow_server(root: Path, env_extra: dict | None = None) -> tuple[str, subprocess.Popen]:
+def start_mlflow_server(root: Path, env_extra: dict | None = None,
+                        backend_store_uri: str | None = None) -> tuple[str, subprocess.Popen]:
     """Start a real `mlflow server` on a free 127.0.0.1 port; return its URL and process once /health answers.
 
-    Its sqlite store, proxied artifacts and log live in ``root``: a second start on the same ``root`` serves
-    the same store. It runs in its own process group; stop it with stop_process_group.
+    Its sqlite store (or ``backend_store_uri``), proxied artifacts and log live in ``root``: a second start
+    on the same ``root`` serves the same store. It runs in its own process group; stop it with stop_process_group.
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # not this test's store
@@ -144,7 +138,7 @@ def start_mlflow_server(root: Path, env_extra: dict | None = None) -> tuple[str,
     with open(log_path, "ab") as log:  # appended: a restart keeps the first server's log
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'server.db'}",
              "--artifacts-destination", str(root / "server-artifacts")],
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -157,18 +151,43 @@ def start_mlflow_server(root: Path, env_extra: dict | None = None) -> tuple[str,
 
 
 @contextmanager
-def mlflow_server_process(root: Path, env_extra: dict | None = None):
+def mlflow_server_process(root: Path, env_extra: dict | None = None, backend_store_uri: str | None = None):
     """start_mlflow_server for a ``with`` block: yields the URL, stops the process group on the way out."""
-    url, proc = start_mlflow_server(root, env_extra)
+    url, proc = start_mlflow_server(root, env_extra, backend_store_uri)
     try:
         yield url
     finally:
         stop_process_group(proc)
 
 
-# --------------------------------------------------------------------------- a tiny model
+# --------------------------------------------------------------------------- a tiny tokenizer and model
+def addition_texts(n: int = 300, seed: int = 0) -> list[str]:
+    """``n`` short addition traces (prompt + completion), digit-heavy as the real projects are."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        texts.append(f"What is {a}+{b}?\n<reasoning>{a}+{b}={a + b}</reasoning><answer>{a + b}</answer>")
+    return texts
+
+
+def tiny_tokenizer():
+    """The byte-level BPE of the tests: trained on addition_texts() with a vocabulary of 300."""
+    from mlflow_tunix.tokenizer import TokenizerConfig, train_tokenizer
+
+    return train_tokenizer(addition_texts(), TokenizerConfig(vocab_size=300))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two {name: array} weight sets (``model.flat_params``) are bit for bit the same, not merely close."""
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), name
+        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs"
+
+
 def tiny_model_and_tokenizer():
-    """A tokenizer trained on a few hundred traces, and a tiny model whose greedy output varies.
+    """tiny_tokenizer(), and a tiny model whose greedy output varies.
 
     A freshly initialised model is so unsure that its greedy output is one token repeated, which
     would make "same generations" hold for any weights at all. Larger weights sharpen the logits,
@@ -176,14 +195,8 @@ def tiny_model_and_tokenizer():
     """
     # Imported here: test modules that never build a model should not pay for importing jax.
     from mlflow_tunix.model import ModelConfig, build_model, flat_params
-    from mlflow_tunix.tokenizer import TokenizerConfig, train_tokenizer
 
-    rng = random.Random(0)
-    texts = []
-    for _ in range(300):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        texts.append(f"What is {a}+{b}?\n<reasoning>{a}+{b}={a + b}</reasoning><answer>{a + b}</answer>")
-    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=300))
+    tokenizer = tiny_tokenizer()
     config = ModelConfig(vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
     sharp = {k: v * (20.0 if k == "embed" else 8.0) for k, v in flat_params(build_model(config, seed=0)).items()}
     return build_model(config, params=sharp), tokenizer

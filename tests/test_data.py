@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import FIXTURES
 from mlflow_tunix import data, generators
 from mlflow_tunix.data import Example
 from mlflow_tunix.errors import ConfigError, DataError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tunix-rt"
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, cli_env, free_port, run_cli, start_mlflow_server, stop_process_group
+from conftest import REPO, TINY, assert_same_weights, cli_env, free_port, run_cli, start_mlflow_server, stop_process_group
 
 STEPS = 100
 EVERY = 10  # checkpoint every 10 steps
@@ -80,13 +80,6 @@ def _one_point_per_step(client, run_id, key="loss", steps=STEPS):
     assert sorted(m.step for m in history) == list(range(steps)), f"{key}: {len(history)} points"
 
 
-def _same_params(model_params, reference_params):
-    assert model_params.keys() == reference_params.keys()
-    for name, array in reference_params.items():
-        assert model_params[name].dtype == array.dtype
-        assert np.array_equal(model_params[name], array), f"{name} differs"
-
-
 # --------------------------------------------------------------------------- killed processes
 def test_sigkill_mid_training_then_resume_gives_identical_weights(tracking_uri, tmp_path, reference):
     """SIGKILL at a random step after a checkpoint; `run --resume` continues the same run to the same
@@ -135,7 +128,7 @@ def test_sigkill_mid_training_then_resume_gives_identical_weights(tracking_uri, 
     proc.kill()
     _, err = proc.communicate()
     for version in client.search_model_versions("name='tiny-ft'"):  # registered means complete
-        _same_params(flat_params(load_model(f"models:/tiny-ft/{version.version}").module), reference["params"])
+        assert_same_weights(flat_params(load_model(f"models:/tiny-ft/{version.version}").module), reference["params"])
 
     if client.get_run(run_id).info.status != "FINISHED":  # (the kill came before the very end)
         done = run_cli(["run", "--resume", run_id, "--no-progress"], tracking_uri, cwd=tmp_path)
@@ -151,7 +144,7 @@ def test_sigkill_mid_training_then_resume_gives_identical_weights(tracking_uri, 
     assert [m.step for m in client.get_metric_history(run_id, "final_loss")] == [STEPS]
     versions = client.search_model_versions("name='tiny-ft'")
     assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == run_id
-    _same_params(flat_params(load_model("models:/tiny-ft/1").module), reference["params"])
+    assert_same_weights(flat_params(load_model("models:/tiny-ft/1").module), reference["params"])
     assert run.data.tags["mlflow_tunix.params_sha256"] == reference["sha256"]
 
 
@@ -281,7 +274,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_pa
                     resume=True)
     assert resumed.first_step == 10
     assert [p.name.split("-")[1] for p in directory.glob("damaged-*")] == ["20"]
-    _same_params(flat_params(resumed.model), flat_params(whole.model))
+    assert_same_weights(flat_params(resumed.model), flat_params(whole.model))
 
     # A checkpoint of another setup (here: another seed) is refused, not silently mixed in.
     with pytest.raises(TrainingError, match="written by a run with seed=0, this one has 1"):

@@ -19,7 +19,7 @@ from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
 from mlflow_tunix.generate import GenerationConfig
 from mlflow_tunix.model import flat_params
 
-from conftest import tiny_model_and_tokenizer
+from conftest import assert_same_weights, tiny_model_and_tokenizer
 
 PROMPTS = ["What is 12+7?", "What is 3+45?", "Add 8 and 9."]
 GENERATION = GenerationConfig(max_new_tokens=12)
@@ -73,11 +73,7 @@ def logged(tiny, tracking):
 
 
 def same_params(a, b):
-    pa, pb = flat_params(a), flat_params(b)
-    assert sorted(pa) == sorted(pb)
-    for key in pa:
-        assert pa[key].dtype == pb[key].dtype and pa[key].shape == pb[key].shape, key
-        assert pa[key].tobytes() == pb[key].tobytes(), key  # bit-identical, not merely close
+    assert_same_weights(flat_params(a), flat_params(b))
 
 
 def copy_of(saved, tmp_path):
@@ -111,7 +107,8 @@ def test_a_loaded_model_saves_again_identically(tiny, saved, tmp_path):
     same_params(tiny.module, again.module)
     assert again.generation == GENERATION
     manifest = lambda p: json.loads((p / "tunix" / "manifest.json").read_text())  # noqa: E731
-    assert manifest(tmp_path / "again")["files"]["model.safetensors"] == manifest(saved)["files"]["model.safetensors"]
+    weights = "tunix/model.safetensors"
+    assert manifest(tmp_path / "again")["files"][weights] == manifest(saved)["files"][weights]
 
 
 @pytest.mark.parametrize("kind", ["runs", "logged_model", "version", "alias"])
@@ -157,7 +154,8 @@ def test_layout_flavor_section_and_no_pickle(saved, tiny):
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow_tunix.flavor"
 
     manifest = json.loads((saved / "tunix" / "manifest.json").read_text())["files"]
-    assert sorted(manifest) == sorted(f[len("tunix/"):] for f in files if f.startswith("tunix/") and not f.endswith("manifest.json"))
+    # Every file of the model directory but MLmodel (which records the manifest's own sha256).
+    assert sorted(manifest) == sorted(f for f in files if f not in ("MLmodel", "tunix/manifest.json"))
     assert all(len(entry["sha256"]) == 64 for entry in manifest.values())
     assert json.loads((saved / "tunix" / "generation.json").read_text())["max_new_tokens"] == 12
 
@@ -234,7 +232,7 @@ def test_missing_and_unexpected_files_are_refused(saved, tmp_path):
 def test_edited_manifest_is_refused(saved, tmp_path):
     model_dir = copy_of(saved, tmp_path)
     manifest = model_dir / "tunix" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version":  1'))
+    manifest.write_text(manifest.read_text().replace('"format_version": 2', '"format_version":  2'))
     with pytest.raises(ModelLoadError, match=r"manifest\.json: altered"):
         flavor.load_model(model_dir)
 
@@ -242,7 +240,7 @@ def test_edited_manifest_is_refused(saved, tmp_path):
 def test_newer_format_is_refused(saved, tmp_path):
     model_dir = copy_of(saved, tmp_path)
     mlmodel = model_dir / "MLmodel"
-    mlmodel.write_text(mlmodel.read_text().replace("format_version: 1", "format_version: 99"))
+    mlmodel.write_text(mlmodel.read_text().replace("format_version: 2", "format_version: 99"))
     with pytest.raises(ModelLoadError, match="format version 99"):
         flavor.load_model(model_dir)
 
@@ -348,11 +346,17 @@ LONG_PROMPT = " ".join(str(i) for i in range(30))  # every digit is a token: ~80
         ([LONG_PROMPT], None, r"prompt 0 has \d+ tokens \+ max_new_tokens 12 = \d+, more than the model's max_seq_len 64"),
         (["fine", "   "], None, r"prompt 1 is blank"),
         (["x"] * 257, None, r"257 prompts in one request; at most 256"),
-        (pd.DataFrame({"question": ["What is 1+1?"]}), None, r"no 'prompt' column \(got columns: question\)"),
-        ({"question": "What is 1+1?"}, None, r"no 'prompt' column"),
+        (pd.DataFrame({"question": ["What is 1+1?"], "expected": ["2"]}), None,
+         r"no 'prompt' column \(got columns: question, expected\); with several columns, the prompts must be in one named 'prompt'"),
+        ([123], None, r"prompt 0 must be a string, got int 123"),
+        ([None], None, r"prompt 0 must be a string, got NoneType None"),
+        (pd.DataFrame({"q": [True]}), None, r"prompt 0 must be a string, got bool True"),
+        (["x" * 1_000_000], None, r"prompt 0 has 1000000 characters; at most 65536"),
+        ({"question": "What is 1+1?"}, None, r"no 'prompt' key \(got keys: question\)"),
     ],
     ids=["negative-temperature", "negative-top_k", "max_new_tokens-fills-context", "zero-max_new_tokens",
-         "negative-seed", "prompt-too-long", "blank-prompt", "too-many-prompts", "no-prompt-column", "no-prompt-key"],
+         "negative-seed", "prompt-too-long", "blank-prompt", "too-many-prompts", "no-prompt-column", "int-prompt",
+         "null-prompt", "bool-prompt", "megabyte-prompt", "no-prompt-key"],
 )
 def test_bad_requests_are_refused_with_a_clear_message(pyfunc_model, data, params, message):
     with pytest.raises(InputError, match=message) as caught:
@@ -361,6 +365,7 @@ def test_bad_requests_are_refused_with_a_clear_message(pyfunc_model, data, param
     assert isinstance(caught.value, MlflowException)
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
     assert caught.value.get_http_status_code() == 400
+    assert len(str(caught.value)) < 300  # never the whole input echoed back
 
 
 def test_generate_refuses_unknown_options(tiny):
@@ -380,3 +385,58 @@ def test_mlflow_models_predict_matches_in_process(logged, pyfunc_model, tmp_path
     # A bare {"prompt": ...} is MLflow's unified LLM request: the answer comes back unwrapped.
     mlflow.models.predict(info.model_uri, input_data={"prompt": PROMPTS}, env_manager="local", output_path=str(out))
     assert json.loads(out.read_text()) == want
+
+
+def test_a_one_column_table_is_the_prompts_whatever_its_name(pyfunc_model, expected):
+    for column in ("inputs", "question", 0):
+        assert pyfunc_model.predict(pd.DataFrame({column: PROMPTS})).to_dict("records") == expected
+
+
+def test_missing_answers_are_served_as_null_not_nan():
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+    import io
+
+    frame = flavor._results_frame([{"completion": "<answer>3</answer>", "answer": "3", "reasoning": None},
+                                   {"completion": "hello", "answer": None, "reasoning": None}])
+    out = io.StringIO()
+    predictions_to_json(frame, out)  # what `mlflow models serve` sends
+
+    def no_nan(name):
+        raise AssertionError(f"{name} in the served JSON")
+
+    body = json.loads(out.getvalue(), parse_constant=no_nan)
+    assert [r["answer"] for r in body["predictions"]] == ["3", None]
+
+
+def test_mlflow_models_evaluate_drives_a_registered_model(logged, pyfunc_model):
+    """What MLflow's own client sends: mlflow.models.evaluate on models:/NAME/VERSION. It drops the targets
+    column and hands the rest to predict: one column is the prompts, several need a 'prompt' column."""
+    _, info = logged
+    uri = f"models:/{NAME}/{info.registered_model_version}"
+    targets = ["19", "48", "17"]
+    frame = pd.DataFrame({"question": PROMPTS, "source": ["a", "b", "c"], "expected": targets})
+    with mlflow.start_run(), pytest.raises(MlflowException, match=r"the input has no 'prompt' column \(got columns: "
+                                                                 r"question, source\)"):
+        mlflow.models.evaluate(model=uri, data=frame, targets="expected", model_type="question-answering",
+                               predictions="answer", evaluators=["default"])
+
+    want = pyfunc_model.predict(PROMPTS)["completion"].tolist()
+    seen = []
+
+    def record(predictions, targets):  # a real custom metric that keeps what it was given
+        seen.append(list(predictions))
+        return mlflow.metrics.MetricValue(aggregate_results={"n": len(predictions)})
+
+    recorder = mlflow.metrics.make_metric(eval_fn=record, greater_is_better=True, name="recorded")
+    for column in ("prompt", "inputs"):
+        frame = pd.DataFrame({column: PROMPTS, "source": ["a", "b", "c"], "expected": targets})
+        if column != "prompt":
+            frame = frame.drop(columns="source")
+        with mlflow.start_run():
+            # model_type="question-answering" also computes token_count, which needs tiktoken (not installed);
+            # the predictions it would score are these.
+            result = mlflow.models.evaluate(model=uri, data=frame, targets="expected", predictions="completion",
+                                            extra_metrics=[mlflow.metrics.exact_match(), recorder],
+                                            evaluators=["default"])
+        assert seen[-1] == want
+        assert result.metrics["exact_match/v1"] == 0.0 and result.metrics["recorded/n"] == 3

@@ -36,7 +36,7 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
     assert "mlflow>=3.17,<3.18" in deps
 
 
-STAGES = ["data", "tokenizer", "model", "train", "generate", "evaluate", "flavor", "registry"]
+STAGES = ["data", "tokenizer", "model", "hf", "train", "generate", "evaluate", "flavor", "registry"]
 
 
 def test_a_stage_never_imports_a_later_one():
@@ -67,3 +67,11 @@ def test_no_run_output_is_tracked():
 
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert not [p for p in tracked if p.startswith(("mlruns/", "mlartifacts/")) or p.endswith((".db", ".pkl"))]
+
+
+def test_ci_runs_the_tunix_tests_in_a_second_venv_where_they_may_not_skip():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "pip install --quiet -e '.[dev,tunix]'" in ci
+    assert "MLFLOW_TUNIX_REQUIRE_TUNIX_TESTS=1" in ci and "tests/test_tunix.py" in ci
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("google-tunix") for d in extras["tunix"])

@@ -12,8 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, cli_env, run_cli
-
-
+from mlflow_tunix import data, generators
+from mlflow_tunix.config import load_project
+from mlflow_tunix.pipeline import build_datasets, run_main, run_train
 
 
 def _only_run(client: MlflowClient):
@@ -39,25 +40,33 @@ def test_mlflow_run_main_entry_point_logs_everything(tracking_uri, tmp_path):
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert len(losses) == 120 and sorted(m.step for m in losses) == list(range(120))
     assert losses[-1].value < losses[0].value / 2  # it learned something
-    for key in ("answer_accuracy", "format_rate", "mean_new_tokens", "accuracy/2-digit", "eval_loss"):
-        assert key in run.data.metrics, key
-    assert 0.0 <= run.data.metrics["answer_accuracy"] <= 1.0
-    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
-    assert contexts == ["evaluation", "training"]
-    assert all(len(i.dataset.digest) >= 8 for i in run.inputs.dataset_inputs)
+    assert run.data.metrics["eval_loss"] > 0
+    # The logged datasets are the project's, fingerprinted by their content.
+    ds = build_datasets(load_project(str(TINY)))
+    digests = {i.tags[0].value: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert digests == {"training": data.digest(ds.train)[:16], "evaluation": data.digest(ds.eval)[:16]}
+    # The eval metrics are the eval table's rows summed up, and each row is scored by tunix-rt's rule.
     path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="eval/predictions.json",
                                                dst_path=str(tmp_path))
     table = json.loads(Path(path).read_text())
-    assert len(table["data"]) == 40
-    assert set(table["columns"]) >= {"id", "prompt", "expected", "generated", "answer", "correct", "category"}
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert [r["id"] for r in rows] == [ex.id for ex in ds.eval] and len(rows) == 40
+    assert [r["expected"] for r in rows] == [ex.answer for ex in ds.eval]
+    for r in rows:
+        assert r["correct"] == data.answers_match(data.parse_answer(r["generated"]), r["expected"])
+        assert r["well_formed"] == data.is_well_formed(r["generated"])
+    metrics = run.data.metrics
+    assert metrics["answer_accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 40)
+    assert metrics["accuracy/2-digit"] == metrics["answer_accuracy"]  # every eval item is 2-digit
+    assert metrics["format_rate"] == pytest.approx(sum(r["well_formed"] for r in rows) / 40)
+    assert metrics["mean_new_tokens"] == pytest.approx(sum(r["new_tokens"] for r in rows) / 40)
+    assert metrics["n_eval"] == 40
     versions = client.search_model_versions("name='tiny-adder'")
     assert [v.current_stage for v in versions] == ["Staging"]
     assert versions[0].run_id == run.info.run_id
 
 
 def test_same_seed_same_final_loss(tracking_uri):
-    from mlflow_tunix.config import load_project
-    from mlflow_tunix.pipeline import run_train
 
     cfg = load_project(str(TINY), {"train.steps": 40})
     a = run_train(cfg, progress=False)
@@ -102,9 +111,6 @@ def test_config_errors_are_refused_before_any_run(tracking_uri, tmp_path):
 
 
 def test_evaluate_command_scores_a_logged_model(tracking_uri, tmp_path):
-    from mlflow_tunix import data, generators
-    from mlflow_tunix.config import load_project
-    from mlflow_tunix.pipeline import run_main
 
     result = run_main(load_project(str(TINY), {"train.steps": 60}), register=True, progress=False)
     eval_file = tmp_path / "eval.jsonl"
@@ -113,9 +119,19 @@ def test_evaluate_command_scores_a_logged_model(tracking_uri, tmp_path):
                    tracking_uri, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(tracking_uri)
-    runs = [r for r in client.search_runs(["0"]) if r.info.run_id != result.run_id]
-    assert len(runs) == 1 and runs[0].data.metrics["n_eval"] == 12
-    assert runs[0].data.params["model_uri"] == "models:/tunix-tiny/1"
+    (run,) = [r for r in client.search_runs(["0"]) if r.info.run_id != result.run_id]
+    assert run.data.params["model_uri"] == "models:/tunix-tiny/1"
+    # It scored the given file, item by item, and its accuracy is its rows' mean.
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="eval/predictions.json",
+                                               dst_path=str(tmp_path))
+    table = json.loads(Path(path).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    items = data.read_jsonl(eval_file)
+    assert [(r["id"], r["expected"]) for r in rows] == [(ex.id, ex.answer) for ex in items]
+    assert [r["correct"] for r in rows] == [data.answers_match(data.parse_answer(r["generated"]), r["expected"])
+                                            for r in rows]
+    assert run.data.metrics["n_eval"] == 12
+    assert run.data.metrics["answer_accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 12)
 
 
 def test_default_project_learns_held_out_addition(tracking_uri, tmp_path):

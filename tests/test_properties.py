@@ -113,9 +113,18 @@ def test_config_overrides_load_or_raise_config_error(overrides):
                        values, max_size=4))
 def test_config_from_any_mapping_builds_or_raises_config_error(raw):
     try:
-        from_dict(ProjectConfig, raw)
-    except ConfigError:
-        pass
+        cfg = from_dict(ProjectConfig, raw)
+    except ConfigError as exc:
+        # One line that starts with the key at fault: a section of the input (dotted, as in
+        # "train.steps: ..." or "data.train[0]: ..."), or the config itself for a missing field.
+        message = str(exc)
+        assert message and "\n" not in message.strip(), message
+        key = message.split(": ")[0]
+        assert key == "ProjectConfig" or key.split(".")[0].split("[")[0] in raw, (message, sorted(raw))
+        return
+    assert isinstance(cfg, ProjectConfig)
+    assert cfg.name == str(raw["name"])  # the one required field, as given (a number as its str())
+    assert all(isinstance(k, str) for k in to_flat_dict(cfg))
 
 
 # --------------------------------------------------------------------------- the pyfunc input parser
@@ -188,3 +197,127 @@ def test_a_number_too_big_for_a_float_is_a_config_error():
 def test_an_infinite_temperature_is_refused_before_training():
     with pytest.raises(ConfigError, match="generation.temperature"):
         load_project(str(TINY), {"generation.temperature": float("inf")})
+
+
+# --------------------------------------------------------------------------- raw JSONL text (issue 11)
+# Lines as a user or an attacker writes them: escapes (lone surrogates), duplicate keys, deep nesting.
+json_lines = st.one_of(
+    st.builds(json.dumps, mutated_records()),
+    st.builds(lambda k, a, b: f'{{"{k}": {json.dumps(a)}, "{k}": {json.dumps(b)}, "completion": "x"}}',
+              st.sampled_from(["prompt", "completion", "x"]), st.text(max_size=4), st.text(max_size=4)),
+    st.builds(lambda cp, tail: f'{{"prompt": "What is \\u{cp:04x}{tail}?", "completion": "<answer>1</answer>"}}',
+              st.integers(0xD7F0, 0xE010), st.sampled_from(["", "\\udc00", "\\ud800", "a"])),
+    st.builds(lambda n: "[" * n + "]" * n, st.integers(1, 3000)),
+    st.text(max_size=40),
+)
+
+
+@FUZZ
+@given(st.lists(json_lines, min_size=1, max_size=4))
+def test_any_jsonl_text_reads_as_writable_examples_or_one_data_error(tmp_path_factory, lines):
+    """Whatever read_jsonl accepts, training can use: every string encodes as UTF-8 (a lone surrogate
+    used to pass `data validate` and crash `run`). Everything else is one DataError naming the line."""
+    path = tmp_path_factory.mktemp("raw") / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    try:
+        examples = data.read_jsonl(path)
+    except DataError as exc:
+        assert str(exc).startswith(str(path)) and "\n" not in str(exc) and len(str(exc)) < 500
+        return
+    for ex in examples:
+        ex.prompt.encode("utf-8")
+        if ex.completion is not None:
+            ex.completion.encode("utf-8")
+
+
+# --------------------------------------------------------------------------- bounds (issue 11)
+sizes = st.integers(-3, 300) | st.integers(10**5, 10**12) | st.floats(allow_nan=True) | st.text(max_size=5)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
+                                        "model.vocab_size", "model.max_seq_len", "train.steps", "train.batch_size",
+                                        "train.seed"]), sizes, min_size=1, max_size=3))
+def test_a_config_that_loads_is_within_the_ceilings_and_the_machine(overrides):
+    from mlflow_tunix.model import MAX_SIZES, available_memory, memory_estimate
+    from mlflow_tunix.train import MAX_STEPS
+
+    try:
+        cfg = load_project(str(TINY), overrides)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 400
+        return
+    m = cfg.model
+    assert all(1 <= getattr(m, name) <= ceiling for name, ceiling in MAX_SIZES.items())
+    assert 1 <= cfg.train.steps <= MAX_STEPS and 0 <= cfg.train.seed < 2**32
+    assert memory_estimate(m, batch_size=cfg.train.batch_size, training=True) <= (available_memory() or math.inf)
+
+
+@FUZZ
+@given(st.sampled_from(["addition", "golden-v2", "high-card"]),
+       st.integers(-2, 30) | st.integers(10**6 + 1, 10**30) | st.none(),
+       st.none() | st.tuples(st.integers(-2, 8), st.integers(-2, 8)) | st.tuples(st.integers(0, 3), st.integers(101, 10**6)))
+def test_generators_make_records_or_one_config_error(name, n, digits):
+    from mlflow_tunix import generators
+
+    options = {"digits": digits} if digits is not None and name == "addition" else {}
+    try:
+        records = generators.generate(name, n=n, **options)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 300
+        return
+    assert len(records) == (n if n is not None else len(records))
+
+
+@FUZZ
+@given(values)
+def test_error_values_print_short(value):
+    from mlflow_tunix.errors import short
+
+    assert len(short(value)) <= 83
+
+
+# --------------------------------------------------------------------------- the model-directory reader
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from conftest import tiny_model_and_tokenizer
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    path = tmp_path_factory.mktemp("fuzz-model") / "model"
+    flavor.save_model(model, path, tokenizer=tokenizer)
+    return path
+
+
+manifests = st.one_of(
+    st.binary(max_size=60),
+    st.builds(lambda v: json.dumps(v).encode(), values),
+    st.builds(lambda files: json.dumps({"format_version": 2, "files": files}).encode(),
+              st.dictionaries(st.sampled_from(["../x", "/etc/passwd", "tunix/config.json", "MLmodel", "", "a\\b"]),
+                              values, max_size=3)),
+    st.builds(lambda n: (b"[" * n + b"]" * n), st.integers(1, 5000)),
+)
+
+
+@FUZZ
+@given(manifests)
+def test_any_manifest_is_refused_with_one_model_load_error(saved_model, content):
+    """A manifest MLmodel vouches for (its sha256 updated, as an attacker would) but not written by a save."""
+    import hashlib
+
+    from mlflow.models import Model
+
+    from mlflow_tunix.errors import ModelLoadError
+
+    manifest, mlmodel = saved_model / "tunix" / "manifest.json", saved_model / "MLmodel"
+    original = manifest.read_bytes(), mlmodel.read_bytes()
+    try:
+        manifest.write_bytes(content)
+        conf = Model.load(str(mlmodel))
+        conf.flavors["mlflow_tunix"]["manifest_sha256"] = hashlib.sha256(content).hexdigest()
+        conf.save(str(mlmodel))
+        with pytest.raises(ModelLoadError) as err:
+            flavor._verified(saved_model, allow_code=False)
+        assert "\n" not in str(err.value) and len(str(err.value)) < 600
+    finally:
+        manifest.write_bytes(original[0])
+        mlmodel.write_bytes(original[1])

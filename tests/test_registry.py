@@ -11,9 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -24,9 +22,8 @@ from mlflow_tunix import registry
 from mlflow_tunix.cli import main as cli_main
 from mlflow_tunix.errors import TunixError
 
-from conftest import mlflow_server_process
+from conftest import REPO, mlflow_server_process
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_DIGEST = "e" * 64
 OTHER_EVAL_DIGEST = "f" * 64
 
@@ -42,10 +39,9 @@ class EchoModel(mlflow.pyfunc.PythonModel):
 def _use_store(uri, monkeypatch, tmp_path):
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.setenv(var, uri)
-    # The registry's promotion lock files live in the temp dir: keep this test's in its tmp_path,
-    # shared with the CLI processes it starts (they inherit TMPDIR).
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # The registry's promotion lock files live in $XDG_CACHE_HOME: keep this test's in its tmp_path,
+    # shared with the CLI processes it starts (they inherit the variable).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
 
@@ -92,12 +88,13 @@ def store(request):
 # --------------------------------------------------------------------------- helpers
 def _log_and_register(name, accuracy, *, sha=None, eval_digest=EVAL_DIGEST, runs_uri=False):
     """One training run: log a real model, register it with its eval metrics. Returns (Registration, run_id)."""
-    with mlflow.start_run() as run:
-        info = mlflow.pyfunc.log_model(name="model", python_model=EchoModel(), pip_requirements=["mlflow"])
     if accuracy is None:  # a version evaluated without the ranking metric
         metrics = {"eval_loss": 1.0}
     else:
         metrics = {"answer_accuracy": accuracy, "eval_loss": round(1.0 - accuracy, 6)}
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=EchoModel(), pip_requirements=["mlflow"])
+        mlflow.log_metrics(metrics)  # the scores' one source: the leaderboard reads them from the run
     model_uri = f"runs:/{run.info.run_id}/model" if runs_uri else info.model_uri
     reg = registry.register(
         name, model_uri, run_id=run.info.run_id, metrics=metrics, eval_digest=eval_digest,
@@ -111,7 +108,7 @@ def _model_name():
 
 
 def _cli_env(uri):
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, PYTHONPATH=str(REPO))
     env.pop("PYTEST_CURRENT_TEST", None)  # run as a user would, not under MLflow's test-mode checks
     return env
 
@@ -165,7 +162,7 @@ def test_leaderboard_ranks_versions_and_is_the_description(sqlite_store):
     description = client.get_registered_model(name).description
     table = [line for line in description.splitlines() if line.startswith("| ") and not line.startswith("| rank")]
     assert [line.split("|")[2].strip() for line in table] == ["2", "3", tie.version, "1", no_metric.version]
-    assert f"| 1 | 2 | Staging |  | 0.97 | eval_loss=0.03 | `{rows[0]['run_id']}` |" in description
+    assert f"| 1 | 2 | Staging |  | 0.97 | eval_loss=0.03 | [{rows[0]['run_id']}](#/runs/{rows[0]['run_id']}) |" in description
     assert description == registry.render_description(rows, "answer_accuracy")
 
 
@@ -293,6 +290,7 @@ def test_description_keeps_the_users_own_text(sqlite_store):
 
 
 # --------------------------------------------------------------------------- concurrency
+WAITING = "[mlflow-tunix] waiting for another process registering or promoting"
 ACCURACIES = {"1": 0.60, "2": 0.90, "3": 0.93, "4": 0.95, "5": 0.94}
 
 
@@ -307,6 +305,8 @@ def _promote_all_at_once(uri, name):
     outcomes = []
     for req, proc in procs:
         out, err = proc.communicate()
+        # A process that finds the lock held says so once, then waits.
+        err = "\n".join(line for line in err.splitlines() if not line.startswith(WAITING))
         outcomes.append((req, proc.returncode, out.strip(), err.strip()))
     return outcomes
 
@@ -338,3 +338,75 @@ def test_concurrent_promotions_leave_one_champion(store):
     assert [r["aliases"] for r in rows if r["stage"] == "Production"] == [["champion"]]
     champion = next(r["version"] for r in rows if r["stage"] == "Production")
     assert f"| {champion} | Production | @champion |" in MlflowClient().get_registered_model(name).description
+
+
+# --------------------------------------------------------------------------- trust
+def test_a_forged_metric_tag_neither_ranks_nor_promotes(sqlite_store):
+    name = _model_name()
+    _log_and_register(name, 1.0)
+    _log_and_register(name, 0.0)
+    assert registry.promote(name, version="1").version == "1"
+    MlflowClient().set_model_version_tag(name, "2", "metric.answer_accuracy", "1.0")  # the attack
+
+    rows = registry.leaderboard(name)
+    assert [(r["version"], r["metrics"]["answer_accuracy"]) for r in rows] == [("1", 1.0), ("2", 0.0)]
+    before = _stages(name)
+    out = _run_cli(sqlite_store, "promote", "--model", name, "--version", "2", "--max-regression", "1")
+    assert out.returncode == 2
+    assert out.stderr == (f"error: refused: {name} v2 is tagged metric.answer_accuracy=1.0 but its run "
+                          f"{rows[1]['run_id']} logged answer_accuracy 0 ; the tag was edited (scores are read "
+                          f"from the run)\n").replace(" 0 ;", " 0;")
+    assert _stages(name) == before
+
+
+def test_max_regression_must_be_a_number_in_0_1(sqlite_store):
+    name = _model_name()
+    _log_and_register(name, 1.0)
+    _log_and_register(name, 0.0)
+    assert registry.promote(name, version="1").version == "1"
+    before = _stages(name)
+    out = _run_cli(sqlite_store, "promote", "--model", name, "--version", "2", "--max-regression", "nan")
+    assert out.returncode == 2
+    assert out.stderr == "error: --max-regression must be a number in [0, 1], got nan\n"
+    for value in (float("inf"), -0.1, 1.5, True, "0.1"):
+        with pytest.raises(TunixError, match=r"--max-regression must be a number in \[0, 1\]"):
+            registry.promote(name, version="2", max_regression=value)
+    assert _stages(name) == before
+
+
+HOLD_LOCK = """
+import sys, time, mlflow_tunix.registry as r
+with r._model_lock(r._client(), sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_promote_waits_with_a_message_and_gives_up_at_wait(sqlite_store, tmp_path):
+    name = _model_name()
+    _log_and_register(name, 0.5)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, name], env=_cli_env(sqlite_store),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = _run_cli(sqlite_store, "promote", "--model", name, "--version", "1", "--wait", "0.5")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.returncode == 2
+    waiting, error = out.stderr.splitlines()
+    assert waiting == f"{WAITING} {name!r} (up to 0.5 s)"
+    assert error.startswith(f"error: gave up after 0.5 s waiting for another process registering or promoting {name!r}")
+    assert _stages(name) == ({"1": "Staging"}, None)
+    lock_dir = registry.lock_dir()
+    assert lock_dir.startswith(str(tmp_path)) and (os.stat(lock_dir).st_mode & 0o777) == 0o700
+    assert _run_cli(sqlite_store, "promote", "--model", name, "--version", "1").returncode == 0  # free again
+
+
+def test_a_lock_dir_others_can_write_is_refused(sqlite_store, tmp_path):
+    name = _model_name()
+    _log_and_register(name, 0.5)
+    os.chmod(registry.lock_dir(), 0o777)
+    out = _run_cli(sqlite_store, "promote", "--model", name, "--version", "1")
+    assert out.returncode == 2 and "must belong to you and be writable by you only" in out.stderr
+    assert _stages(name) == ({"1": "Staging"}, None)

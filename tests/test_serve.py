@@ -17,9 +17,8 @@ import requests
 from mlflow_tunix import flavor
 from mlflow_tunix.generate import GenerationConfig
 
-from conftest import free_port, stop_process_group, tiny_model_and_tokenizer, wait_until_answers
+from conftest import REPO, free_port, stop_process_group, tiny_model_and_tokenizer, wait_until_answers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is 12+7?", "What is 3+45?", "Add 8 and 9."]
 NAME = "served-adder"
 
@@ -54,7 +53,7 @@ def server(registered, tmp_path_factory):
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking_uri,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
         "JAX_PLATFORMS": "cpu",
     }
@@ -95,6 +94,15 @@ def test_inputs_with_params(server, registered):
     assert expected != registered[2].predict(PROMPTS).to_dict("records")  # the params did reach the model
 
 
+def test_a_one_column_table_is_the_prompts_and_missing_answers_are_null(server, registered):
+    expected = registered[2].predict(PROMPTS).to_dict("records")
+    response = invoke(server, {"dataframe_split": {"columns": ["question"], "data": [[p] for p in PROMPTS]}})
+    assert response.status_code == 200, response.text
+    body = response.json(parse_constant=lambda name: pytest.fail(f"{name} in the served JSON"))
+    assert body == {"predictions": expected}
+    assert any(r["answer"] is None for r in body["predictions"])
+
+
 def test_bare_prompt_request(server, registered):
     # MLflow's unified LLM form: prompt and params at the top level, the answer unwrapped.
     expected = registered[2].predict(PROMPTS, params={"seed": 5}).to_dict("records")
@@ -108,12 +116,17 @@ def test_bare_prompt_request(server, registered):
     [
         ({"inputs": PROMPTS[:1], "params": {"temperature": -1.0}}, "temperature must be >= 0 (0 = greedy), got -1.0"),
         ({"inputs": PROMPTS[:1], "params": {"max_new_tokens": 500}}, "max_new_tokens must be between 1 and 63"),
-        ({"dataframe_split": {"columns": ["question"], "data": [["What is 1+1?"]]}},
-         "the input has no 'prompt' column (got columns: question)"),
+        ({"dataframe_split": {"columns": ["question", "source"], "data": [["What is 1+1?", "a"]]}},
+         "the input has no 'prompt' column (got columns: question, source)"),
+        ({"inputs": [123]}, "prompt 0 must be a string, got int 123"),
+        ({"inputs": [None]}, "prompt 0 must be a string, got NoneType None"),
+        ({"inputs": [True]}, "prompt 0 must be a string, got bool True"),
+        ({"inputs": ["x" * 1_000_000]}, "prompt 0 has 1000000 characters; at most 65536"),
         ({"inputs": ["fine", " "]}, "prompt 1 is blank"),
         ({"inputs": ["x"] * 300}, "300 prompts in one request; at most 256 are allowed"),
     ],
-    ids=["negative-temperature", "max_new_tokens-beyond-context", "no-prompt-column", "blank-prompt", "too-many"],
+    ids=["negative-temperature", "max_new_tokens-beyond-context", "no-prompt-column", "int", "null", "bool",
+         "megabyte", "blank-prompt", "too-many"],
 )
 def test_bad_request_gets_400_with_the_message_and_the_server_keeps_serving(server, registered, payload, message):
     response = invoke(server, payload)
@@ -121,6 +134,7 @@ def test_bad_request_gets_400_with_the_message_and_the_server_keeps_serving(serv
     body = response.json()
     assert body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert message in body["message"]
+    assert len(response.content) < 2000  # a short message, never the input echoed back
 
     after = invoke(server, {"inputs": PROMPTS})
     assert after.status_code == 200

@@ -289,12 +289,16 @@ def data():
               "42 for golden-v2, which gives tunix-rt's set).")
 @click.option("--no-trace", is_flag=True, help="Direct answers: empty <reasoning> (addition only).")
 @click.option("--digits", type=(int, int), default=None, help="Operand length range LO HI (addition only), e.g. --digits 1 4.")
+@click.option("--family", "families", multiple=True, help="Only this family (reasoning only; repeatable), e.g. "
+              "--family percent --family unit_cost. Default: all, equally.")
 @_one_line_errors
-def data_generate(name, out, n, seed, no_trace, digits):
+def data_generate(name, out, n, seed, no_trace, digits, families):
     """Write a seeded synthetic dataset NAME to --out.
 
     NAME is one of: addition (n-digit sums with a digit-by-digit carry scratchpad), golden-v2
-    (tunix-rt's 100-item golden set), high-card (a card duel where the answer needs the reasoning).
+    (tunix-rt's 100-item golden set), high-card (a card duel where the answer needs the reasoning),
+    reasoning (the families of tunix-rt's dev-reasoning-v2: word problems, arithmetic, string tasks,
+    each with a digit-by-digit or letter-by-letter scratchpad).
     """
     from mlflow_tunix import data as data_mod
     from mlflow_tunix import generators
@@ -304,6 +308,8 @@ def data_generate(name, out, n, seed, no_trace, digits):
         options["trace"] = False
     if digits:
         options["digits"] = tuple(digits)
+    if families:
+        options["families"] = list(families)
     records = generators.generate(name, n=n, seed=seed, **options)
     data_mod.write_jsonl(records, out)
     click.echo(f"wrote {len(records)} examples to {out}")

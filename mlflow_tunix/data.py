@@ -118,6 +118,24 @@ def is_well_formed(text: str) -> bool:
     return answer.strip() != ""
 
 
+# tunix-rt's dev-reasoning-v2 marks its six word-problem templates only by number (meta.template_id,
+# category "reasoning"); its other items name their task (meta.task_type). These are the names the
+# `reasoning` generator gives the same families.
+TUNIX_RT_TEMPLATES = {0: "distance", 1: "percent", 2: "unit_cost", 3: "add_steps", 4: "subtract_steps",
+                      5: "multiply_steps"}
+
+
+def family(ex: "Example") -> str | None:
+    """The finest category an item's meta gives: tunix-rt's task_type or named template, else its category."""
+    task = ex.meta.get("task_type")
+    if isinstance(task, str) and task:
+        return task
+    template = ex.meta.get("template_id")
+    if ex.category == "reasoning" and template in TUNIX_RT_TEMPLATES:
+        return TUNIX_RT_TEMPLATES[template]
+    return ex.category
+
+
 def answers_match(predicted: str | None, expected: str) -> bool:
     """tunix-rt's rule: equal after strip().lower(). No answer never matches."""
     if predicted is None:

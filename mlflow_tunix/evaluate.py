@@ -6,7 +6,8 @@ Metrics (tunix-rt's rule for correctness: the parsed ``<answer>`` equals the exp
 * ``answer_accuracy``  share of items answered right;
 * ``format_rate``      share of outputs that are exactly ``<reasoning>…</reasoning><answer>…</answer>``;
 * ``mean_new_tokens``  mean generated length (reasoning costs tokens: this shows how many);
-* ``accuracy/<category>`` the per-category scorecard, where items have categories.
+* ``accuracy/<category>`` the per-category scorecard, where items have categories (the finest the
+  item's meta gives: tunix-rt's task_type or template, see ``data.family``).
 
 Every item becomes one row of the eval table, so two runs can be compared row by row.
 """
@@ -17,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-from mlflow_tunix.data import Example, answers_match, is_well_formed, parse_answer, render_prompt
+from mlflow_tunix.data import Example, answers_match, family, is_well_formed, parse_answer, render_prompt
 from mlflow_tunix.generate import GenerationConfig, generate_text
 
 @dataclass
@@ -40,9 +41,10 @@ def score(examples: Sequence[Example], completions: Sequence[str], new_tokens: S
     for i, (ex, text) in enumerate(zip(examples, completions)):
         answer = parse_answer(text)
         correct = answers_match(answer, ex.answer)
+        category = family(ex)
         rows.append({
             "id": ex.id,
-            "category": ex.category or "",
+            "category": category or "",
             "prompt": ex.prompt,
             "expected": ex.answer,
             "answer": answer if answer is not None else "",
@@ -51,8 +53,8 @@ def score(examples: Sequence[Example], completions: Sequence[str], new_tokens: S
             "new_tokens": int(new_tokens[i]) if new_tokens is not None else -1,
             "generated": text,
         })
-        if ex.category:
-            by_category[ex.category].append(correct)
+        if category:
+            by_category[category].append(correct)
     n = max(len(rows), 1)
     metrics = {
         "answer_accuracy": sum(r["correct"] for r in rows) / n,

@@ -201,10 +201,361 @@ def high_card(n: int = 1000, seed: int = 0) -> list[dict]:
     return records
 
 
+# --------------------------------------------------------------------------------------------
+# tunix-rt's dev-reasoning-v2 families, with scratchpads a small model can execute
+#
+# Each family is a function (rng) -> (prompt, steps, answer). The answers are formatted exactly
+# as tunix-rt formats them (its score is strip + lower equality): "472 km", "95.48", "648.0",
+# "$31.5", "-20". The scratchpads work one digit or one letter per move, least significant digit
+# first where carries run, so every token the model writes depends on a few tokens before it.
+
+
+def _mul_digit_steps(a: int, d: int) -> str:
+    """a * d (d one digit), column by column from the right: "341*8: 1*8+0=8 4*8+0=32 3*8+3=27 =2728"."""
+    cols, carry = [], 0
+    for x in map(int, reversed(str(a))):
+        v = x * d + carry
+        cols.append(f"{x}*{d}+{carry}={v}")
+        carry = v // 10
+    return f"{a}*{d}: " + " ".join(cols) + f" ={a * d}"
+
+
+def _add_line(a: int, b: int) -> str:
+    """Column addition as one line: "2728+6820: 8+0+0=8 2+2+0=4 ... =9548"."""
+    return f"{a}+{b}: " + " ".join(addition_steps(a, b)) + f" ={a + b}"
+
+
+def multiplication_steps(a: int, b: int) -> list[str]:
+    """a * b through partial products: a times each digit of b (a line each), then the partials,
+    shifted, added column by column (one line per addition)."""
+    digits = list(map(int, reversed(str(b))))
+    steps = [_mul_digit_steps(a, d) for d in digits]
+    total = a * digits[0]
+    for k, d in enumerate(digits[1:], start=1):
+        steps.append(_add_line(total, a * d * 10**k))
+        total += a * d * 10**k
+    return steps
+
+
+def subtraction_steps(a: int, b: int) -> list[str]:
+    """a - b: the larger minus the smaller, column by column with borrows ("15-7-0=8" borrows the
+    1), the sign in front when a < b."""
+    big, small = max(a, b), min(a, b)
+    steps = [f"{a}<{b} so -({b}-{a})" if a < b else f"{a}>={b}"]
+    db, ds = str(big)[::-1], str(small)[::-1]
+    cols, borrow = [], 0
+    for k in range(len(db)):
+        x, y = int(db[k]), int(ds[k]) if k < len(ds) else 0
+        v = x - y - borrow
+        nb = 1 if v < 0 else 0
+        cols.append(f"{x + 10 * nb}-{y}-{borrow}={v + 10 * nb}")
+        borrow = nb
+    steps.append(f"{big}-{small}: " + " ".join(cols) + f" ={big - small}")
+    return steps
+
+
+def _two_decimals(hundredths: int) -> str:
+    """tunix-rt's str(round(x, 2)): at most two decimals, trailing zeros dropped but one kept ("648.0")."""
+    whole, frac = divmod(hundredths, 100)
+    return f"{whole}.{frac // 10}" if frac % 10 == 0 else f"{whole}.{frac:02d}"
+
+
+def division_steps(total: int, n: int) -> tuple[list[str], int]:
+    """Long division of total by n to three decimals, then rounding to cents as Python's round()
+    does on these numbers (half up, except an exact tie, which goes to the even cent).
+    Returns (steps, the result in hundredths)."""
+    cols, r = [], 0
+    digits = list(map(int, str(total))) + [0, 0, 0]
+    q = 0
+    for d in digits:
+        x = r * 10 + d
+        cols.append(f"{x}/{n}={x // n} r{x % n}")
+        q, r = q * 10 + x // n, x % n
+    thousandths = q
+    steps = [f"{total}/{n}: " + " ".join(cols), f"={q // 1000}.{q % 1000:03d} r{r}"]
+    cents, last = divmod(thousandths, 10)
+    up = last > 5 or (last == 5 and (r > 0 or cents % 2 == 1))
+    rounded = cents + up
+    if last == 5 and r == 0:
+        steps.append(f"tie: {'up' if up else 'down'} to even")
+    steps.append(f"round: {cents // 100}.{cents % 100:02d}" + (f"+0.01={rounded // 100}.{rounded % 100:02d}" if up else ""))
+    return steps, rounded
+
+
+DISTANCE_PROMPTS = (
+    ("A train travels at {s} km/h for {t} hours. How far does it travel?", "km"),
+    ("A train travels at {s} km/h for {t} hours. How far does it travel?", "km"),
+    ("A car drives at {s} km/h for {t} hours. How far does it go?", "km"),
+    ("A bus moves at {s} km/h for {t} hours. What distance does it cover?", "km"),
+    ("How far does a train go in {t} hours at {s} km/h?", "km"),
+    ("A cyclist rides at {s} mph for {t} hours. How far does she ride?", "miles"),
+)
+
+
+def _distance(rng):
+    s, t = rng.randint(10, 150), rng.randint(1, 9)
+    template, unit = rng.choice(DISTANCE_PROMPTS)
+    steps = [_mul_digit_steps(s, t)]
+    return template.format(s=s, t=t), steps, f"{s * t} {unit}"
+
+
+PERCENT_PROMPTS = ("What is {p}% of {b}?", "What is {p}% of {b}?", "Find {p}% of {b}.", "Calculate {p} percent of {b}.",
+                   "What is {p} % of {b}?")
+
+
+def _percent(rng):
+    p = rng.randint(1, 99) if rng.random() < 0.2 else rng.randint(10, 99)
+    b = rng.randint(100, 999) if rng.random() < 0.8 else rng.randint(10, 99)
+    steps = multiplication_steps(b, p)
+    answer = _two_decimals(b * p)
+    steps.append(f"{b * p}/100={answer}")
+    return rng.choice(PERCENT_PROMPTS).format(p=p, b=b), steps, answer
+
+
+UNIT_COST_PROMPTS = (
+    "If {n} items cost ${t}, what is the cost per item?",
+    "If {n} items cost ${t}, what is the cost per item?",
+    "{n} items cost ${t} in total. How much does one item cost?",
+    "If {n} tickets cost ${t}, what is the price of one ticket?",
+    "A pack of {n} pens costs ${t}. What does each pen cost?",
+)
+
+
+def _unit_cost(rng):
+    n, t = rng.randint(2, 25), rng.randint(10, 250)
+    steps, cents = division_steps(t, n)
+    answer = "$" + _two_decimals(cents)
+    return rng.choice(UNIT_COST_PROMPTS).format(n=n, t=t), steps, answer
+
+
+def _two_digits(rng):
+    return rng.randint(10, 99), rng.randint(10, 99)
+
+
+ADD_PROMPTS = ("Calculate {a} + {b} step by step.", "Calculate {a} + {b} step by step.", "Add {a} and {b} step by step.",
+               "What is {a} + {b}? Show your steps.", "Compute {a} + {b} step by step.")
+SUB_PROMPTS = ("Calculate {a} - {b} showing your work.", "Calculate {a} - {b} showing your work.",
+               "Subtract {b} from {a}, showing your work.", "What is {a} - {b}? Show your work.",
+               "Compute {a} - {b} showing your work.")
+MUL_PROMPTS = ("Multiply {a} × {b} step by step.", "Multiply {a} × {b} step by step.", "Multiply {a} by {b} step by step.",
+               "What is {a} × {b}? Show your steps.", "Compute {a} × {b} step by step.")
+
+
+def _add_steps(rng):
+    a, b = _two_digits(rng)
+    return rng.choice(ADD_PROMPTS).format(a=a, b=b), [_add_line(a, b)], str(a + b)
+
+
+def _subtract_steps(rng):
+    a, b = _two_digits(rng)
+    return rng.choice(SUB_PROMPTS).format(a=a, b=b), subtraction_steps(a, b), str(a - b)
+
+
+def _multiply_steps(rng):
+    a, b = _two_digits(rng)
+    return rng.choice(MUL_PROMPTS).format(a=a, b=b), multiplication_steps(a, b), str(a * b)
+
+
+ARITHMETIC_PROMPTS = ("Calculate: {a} {op} {b}", "Calculate: {a} {op} {b}", "Compute: {a} {op} {b}",
+                      "Evaluate: {a} {op} {b}", "Calculate {a} {op} {b}")
+
+
+def _arithmetic(rng):
+    a, b, op = rng.randint(1, 99), rng.randint(1, 99), rng.choice("+-*")
+    if op == "+":
+        steps, answer = [_add_line(a, b)], a + b
+    elif op == "-":
+        steps, answer = subtraction_steps(a, b), a - b
+    else:
+        steps, answer = multiplication_steps(a, b), a * b
+    return rng.choice(ARITHMETIC_PROMPTS).format(a=a, op=op, b=b), steps, str(answer)
+
+
+# (members, plural of the class, the wider class): "all fish are animals"
+KINDS = (
+    (("goldfish", "salmon", "trout", "shark", "tuna"), "fish", "animals"),
+    (("poodle", "beagle", "terrier", "collie", "husky"), "dogs", "mammals"),
+    (("sparrow", "robin", "eagle", "parrot", "crow"), "birds", "animals"),
+    (("rose", "tulip", "daisy", "lily", "orchid"), "flowers", "plants"),
+    (("oak", "pine", "maple", "birch", "cedar"), "trees", "plants"),
+    (("sedan", "truck", "van", "taxi", "jeep"), "cars", "vehicles"),
+    (("cobra", "python", "viper", "adder", "mamba"), "snakes", "reptiles"),
+    (("apple", "mango", "pear", "plum", "lemon"), "fruits", "foods"),
+    (("siamese", "persian", "tabby", "bengal", "sphynx"), "cats", "pets"),
+    (("hammer", "wrench", "saw", "drill", "chisel"), "tools", "objects"),
+)
+LOGIC_PROMPTS = ("If all {cls} are {wider}, and this is a {x} (which is a {c}), is it {w}?",
+                 "If all {cls} are {wider}, and this is a {x} (which is a {c}), is it {w}?",
+                 "All {cls} are {wider}. This is a {x} (which is a {c}). Is it {w}?",
+                 "Suppose all {cls} are {wider}, and this is a {x} (which is a {c}). Is it {w}?")
+
+
+def _logic(rng):
+    """tunix-rt's syllogism ("...which is a fis), is it animal?": it cuts the last letter of the
+    plurals). Yes when the thing belongs to the class of the premise, No when it belongs to another."""
+    members, cls, wider = rng.choice(KINDS)
+    if rng.random() < 0.5:
+        x, c, answer = rng.choice(members), cls[:-1], "Yes"
+    else:
+        others = [k for k in KINDS if k[1] != cls and k[2] != wider]
+        other_members, other_cls, _ = rng.choice(others)
+        x, c, answer = rng.choice(other_members), other_cls[:-1], "No"
+    steps = [f"{c} {'=' if answer == 'Yes' else '!='} {cls[:-1]}"]
+    prompt = rng.choice(LOGIC_PROMPTS).format(cls=cls, wider=wider, x=x, c=c, w=wider[:-1])
+    return prompt, steps, answer
+
+
+WORDS = ("apple", "banana", "cherry", "date", "elderberry", "fig", "grape", "lemon", "mango", "melon", "orange", "peach",
+         "pear", "plum", "kiwi", "lime", "berry", "olive", "hello", "world", "python", "model", "reason", "trace",
+         "train", "tunix", "water", "stone", "river", "cloud", "light", "music", "table", "chair", "house", "green",
+         "yellow", "purple", "silver", "garden", "bridge", "candle", "dragon", "forest", "island", "jungle",
+         "kitten", "ladder", "monkey", "number", "pencil", "rabbit", "rocket", "sun", "cat", "dog", "tree", "book")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _word(rng) -> str:
+    """A list word or a random letter string (3-10 letters), so spelling is learned for any word."""
+    if rng.random() < 0.5:
+        return rng.choice(WORDS)
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 10)))
+
+
+def _indexed(letters) -> str:
+    return " ".join(f"{i}{ch}" for i, ch in letters)
+
+
+REVERSE_PROMPTS = ("Reverse the string: '{w}'", "Reverse the string: '{w}'", "Reverse the word '{w}'.",
+                   "Write '{w}' backwards.", "Reverse this string: '{w}'")
+
+
+def _string_reverse(rng):
+    w = _word(rng)
+    spelled = list(enumerate(w, start=1))
+    steps = [_indexed(spelled), _indexed(spelled[::-1])]
+    return rng.choice(REVERSE_PROMPTS).format(w=w), steps, w[::-1]
+
+
+SORT_PROMPTS = ("Sort these characters alphabetically: {s}", "Sort these characters alphabetically: {s}",
+                "Sort the letters {s} in alphabetical order.", "Arrange these letters alphabetically: {s}")
+
+
+def _string_sort(rng):
+    s = "".join(rng.choice(LETTERS.upper()) for _ in range(rng.randint(3, 9)))
+    ordered = sorted(s)
+    steps = [" ".join(s), " ".join(ordered)]
+    return rng.choice(SORT_PROMPTS).format(s=s), steps, "".join(ordered)
+
+
+REPEAT_PROMPTS = ("Repeat '{w}' {k} times", "Repeat '{w}' {k} times", "Say '{w}' {k} times.",
+                  "Write the word '{w}' {k} times", "Repeat the word '{w}' {k} times.")
+
+
+def _text_repeat(rng):
+    w, k = _word(rng), rng.randint(1, 6)
+    steps = [" ".join(f"{i}:{w}" for i in range(1, k + 1))]
+    return rng.choice(REPEAT_PROMPTS).format(w=w, k=k), steps, " ".join([w] * k)
+
+
+UPPER_PROMPTS = ("Convert '{w}' to uppercase", "Convert '{w}' to uppercase", "Write '{w}' in capital letters.",
+                 "Make '{w}' uppercase", "Convert '{w}' to upper case.")
+
+
+def _uppercase(rng):
+    w = _word(rng)
+    steps = [" ".join(f"{ch}:{ch.upper()}" for ch in w)]
+    return rng.choice(UPPER_PROMPTS).format(w=w), steps, w.upper()
+
+
+FILLER = ("the", "a", "is", "red", "and", "also", "green", "big", "small", "on", "in", "my", "was", "very", "sweet",
+          "old", "new", "near", "with", "blue", "fresh", "ripe", "one", "this", "that", "under", "table", "tree")
+SENTENCES = ("The {w} is red and the {w} is also green", "I ate a {w} and then another {w}",
+             "The {w} is on the table", "No {w} here")
+COUNT_PROMPTS = ('How many times does \'{w}\' appear in: "{s}"', 'How many times does \'{w}\' appear in: "{s}"',
+                 'Count how many times \'{w}\' appears in: "{s}"', 'How often does the word \'{w}\' occur in: "{s}"')
+
+
+def _word_count(rng):
+    w = rng.choice(WORDS)
+    if rng.random() < 0.3:
+        s = rng.choice(SENTENCES).format(w=w)
+    else:
+        others = [f for f in FILLER if f != w]
+        words = [rng.choice(others) for _ in range(rng.randint(3, 7))]
+        for _ in range(rng.choice((0, 1, 1, 2, 2, 2, 3, 4))):
+            words.insert(rng.randint(0, len(words)), w)
+        words[0] = words[0].capitalize() if words[0] != w else w
+        s = " ".join(words)
+    count, marks = 0, []
+    for token in s.split():
+        count += token == w
+        marks.append(f"{token}:{count}")
+    steps = [" ".join(marks)]
+    return rng.choice(COUNT_PROMPTS).format(w=w, s=s), steps, str(count)
+
+
+# family name -> maker; the names are the ones data.family() gives tunix-rt's own items
+REASONING_FAMILIES = {
+    "distance": _distance,
+    "percent": _percent,
+    "unit_cost": _unit_cost,
+    "add_steps": _add_steps,
+    "subtract_steps": _subtract_steps,
+    "multiply_steps": _multiply_steps,
+    "arithmetic": _arithmetic,
+    "logic": _logic,
+    "string_reverse": _string_reverse,
+    "string_sort": _string_sort,
+    "text_repeat": _text_repeat,
+    "uppercase": _uppercase,
+    "word_count": _word_count,
+}
+
+
+def _family_weights(families) -> dict[str, float]:
+    """``families``: None (all, equally), a list of names, or {name: weight}."""
+    if families is None:
+        return {name: 1.0 for name in REASONING_FAMILIES}
+    if isinstance(families, (list, tuple)):
+        families = {name: 1.0 for name in families}
+    if not isinstance(families, dict) or not families:
+        raise ConfigError(f"generator 'reasoning': families must be a list of names or {{name: weight}}, got {families!r}")
+    for name, weight in families.items():
+        if name not in REASONING_FAMILIES:
+            raise ConfigError(f"generator 'reasoning': unknown family {name!r} "
+                              f"(allowed: {', '.join(REASONING_FAMILIES)})")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"generator 'reasoning': families.{name} must be a weight > 0, got {weight!r}")
+    return dict(families)
+
+
+def reasoning(n: int = 1000, seed: int = 0, *, families=None) -> list[dict]:
+    """The families of tunix-rt's dev-reasoning-v2 (all but its 20 fixed edge cases), mixed by
+    ``families`` weight (default: all, equally), each with its digit/letter scratchpad and answers
+    formatted as tunix-rt's. Category = the family name. Prompts are unique within a set."""
+    n = _check_n("reasoning", n)
+    weights = _family_weights(families)
+    names, w = list(weights), list(weights.values())
+    rng = random.Random(seed)
+    records, seen = [], set()
+    for _ in range(50 * n + 1000):
+        if len(records) == n:
+            break
+        family = rng.choices(names, w)[0]
+        prompt, steps, answer = REASONING_FAMILIES[family](rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        records.append(_trace("reasoning", seed, len(records), family, prompt, steps, answer))
+    if len(records) < n:
+        raise ConfigError(f"generator 'reasoning': found only {len(records)} distinct prompts for n={n}; lower n")
+    return records
+
+
 GENERATORS: dict[str, Callable[..., list[dict]]] = {
     "addition": addition,
     "golden-v2": golden_v2,
     "high-card": high_card,
+    "reasoning": reasoning,
 }
 
 

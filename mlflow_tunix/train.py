@@ -55,6 +55,9 @@ class TrainConfig:
     eval_every: int = 250  # held-out loss every N steps (0 = only at the end)
     eval_batches: int = 4  # held-out batches per eval-loss measurement
     seed: int = 0
+    # Batches of similar lengths, each cut to its own longest row (rounded up to LENGTH_STEP): when
+    # examples differ much in length, padding to the longest of all wastes half the compute.
+    group_by_length: bool = False
     checkpoint_every: int = 100  # an Orbax checkpoint every N steps and at the last one (0 = none)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept, older ones deleted
     checkpoint_dir: str = ""  # runs keep their checkpoints in <checkpoint_dir>/<run id>/ ("": see resume.checkpoint_root)
@@ -68,6 +71,8 @@ class TrainConfig:
                                       ("eval_every", 0, "must be >= 0 (0 = never)")):
             if getattr(self, name) < lowest:
                 raise ConfigError(f"train.{name}: {message}, got {getattr(self, name)}")
+        if not isinstance(self.group_by_length, bool):
+            raise ConfigError(f"train.group_by_length: must be true or false, got {self.group_by_length!r}")
         for name, highest in (("steps", MAX_STEPS), ("batch_size", MAX_BATCH_SIZE)):
             if getattr(self, name) > highest:
                 raise ConfigError(f"train.{name}: must be at most {highest}, got {getattr(self, name)}")
@@ -136,19 +141,42 @@ def check_batch_size(batch_size: int, n_examples: int) -> None:
                           f"({n_examples} examples); allowed: 1 to {n_examples}")
 
 
+LENGTH_STEP = 32  # grouped batches are cut to a multiple of this: a few shapes, so a few compilations
+GROUP_BATCHES = 50  # grouped batches are formed within windows of this many batches of a shuffled epoch
+
+
 class BatchSampler:
     """Seeded epochs of shuffled indices. The order is a function of (seed, step) alone, so a resumed
-    run sees exactly the batches the uninterrupted one would have seen."""
+    run sees exactly the batches the uninterrupted one would have seen.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    With ``lengths``, each window of GROUP_BATCHES batches of the shuffled epoch is sorted by length
+    before it is cut into batches, and the window's batches are shuffled again: batches of similar
+    lengths, in random order, still a function of (seed, step)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: np.ndarray | None = None):
         check_batch_size(batch_size, n)
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.batch_size, self.seed, self.lengths = n, batch_size, seed, lengths
         self.per_epoch = n // batch_size
+        self._epoch, self._order = -1, None
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.n)[: self.per_epoch * self.batch_size]
+            if self.lengths is not None:
+                batches = []
+                window = GROUP_BATCHES * self.batch_size
+                for start in range(0, len(order), window):
+                    part = order[start : start + window]
+                    part = part[np.argsort(self.lengths[part], kind="stable")]
+                    batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+                order = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+            self._epoch, self._order = epoch, order
+        return self._order
 
     def indices(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return order[k * self.batch_size : (k + 1) * self.batch_size]
+        return self._epoch_order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
 
 
 # --------------------------------------------------------------------------- the pure step
@@ -262,7 +290,8 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     step_fn = functools.partial(jitted_step, base=base)
     jitted_eval = jax.jit(lambda params, tokens, mask, base: completion_loss(
         graphdef, params if base is None else lora.merged(base, params, scale), tokens, mask))
-    sampler = BatchSampler(len(data.tokens), config.batch_size, config.seed)
+    lengths = _lengths(data) if config.group_by_length else None
+    sampler = BatchSampler(len(data.tokens), config.batch_size, config.seed, lengths)
     loop = _Loop(config, tracker or NullTracker(), schedule, functools.partial(jitted_eval, base=base), eval_data, state)
     if checkpoint_dir is not None and config.checkpoint_every:
         loop.open_checkpoints(checkpoint_dir, resume_key(config, model.config, state, data), resume)
@@ -273,7 +302,10 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
         with StopOnSignal() as stop:
             for step in range(loop.first_step, config.steps):
                 idx = sampler.indices(step)
-                batch = {"tokens": data.tokens[idx], "loss_mask": data.loss_mask[idx]}
+                width = data.tokens.shape[1]
+                if lengths is not None:  # (a row's padding carries no loss and is never attended to)
+                    width = min(width, -(-int(lengths[idx].max()) // LENGTH_STEP) * LENGTH_STEP)
+                batch = {"tokens": data.tokens[idx, :width], "loss_mask": data.loss_mask[idx, :width]}
                 loop.state, metrics = step_fn(loop.state, batch)
                 signum = stop.signum  # read once: a signal may land at any moment
                 loop.after_step(step, metrics, batch["tokens"].size, interrupted=signum is not None)
@@ -293,6 +325,12 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
 
 def _size(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
+def _lengths(data: TokenizedData) -> np.ndarray:
+    """Each row's length: up to its last loss-carrying token (its EOS)."""
+    has_loss = data.loss_mask > 0
+    return np.where(has_loss.any(axis=1), data.loss_mask.shape[1] - np.argmax(has_loss[:, ::-1], axis=1), 0)
 
 
 class _Loop:

@@ -345,7 +345,7 @@ def test_addition_options():
         generators.generate("addition", 5, digits=(3, 2))
     with pytest.raises(ConfigError, match=r"unknown option 'carry' for generator 'addition' \(allowed: digits, trace\)"):
         generators.generate("addition", 5, carry=True)
-    with pytest.raises(ConfigError, match=r"unknown generator 'mult' \(allowed: addition, golden-v2, high-card\)"):
+    with pytest.raises(ConfigError, match=r"unknown generator 'mult' \(allowed: addition, golden-v2, high-card, reasoning\)"):
         generators.generate("mult")
     with pytest.raises(ConfigError, match="n must be a positive integer"):
         generators.generate("addition", 0)

@@ -259,8 +259,8 @@ class _Job:
             log(f"run {self.run_id} in experiment {self.experiment_id}: project {self.cfg.name}")
         resume_mod.save_tokenizer(self.prep.tokenizer, self.run_dir)  # (a run that failed on its data has none yet)
         if not (self.resumed and self.target.has_inputs):
-            mlflow.log_input(self.train_ds, context="training")
-            mlflow.log_input(self.eval_ds, context="evaluation")
+            runs.log_input(self.train_ds, context="training")
+            runs.log_input(self.eval_ds, context="evaluation")
         if self.resumed and self.spill.is_file():
             sent, there = resend_metrics(self.spill, self.run_id)
             self.spill.unlink()
@@ -316,7 +316,7 @@ class _Job:
         metrics = dict(_evaluate_and_log(model, tokenizer, ds.eval, generation, runs.TABLE_FILE, progress))
         for name, (examples, source) in ds.extra.items():
             extra_ds = runs.to_mlflow_dataset(examples, name=f"{self.cfg.name}-{name}", source=source)
-            mlflow.log_input(extra_ds, context=f"evaluation/{name}")
+            runs.log_input(extra_ds, context=f"evaluation/{name}")
             extra = _evaluate_and_log(model, tokenizer, examples, generation, f"eval/{name}.json", progress, label=name)
             per_category = [k for k in extra if k.startswith("accuracy/")]
             metrics.update({f"{name}/{k}": v for k, v in extra.items()
@@ -377,7 +377,7 @@ def run_evaluate(model_uri: str, *, eval_data: str | None = None, progress: bool
             ds = build_datasets(project)
             examples, source, name = ds.eval, ds.eval_source, f"{project.name}-eval"
         eval_ds = runs.to_mlflow_dataset(examples, name=name, source=source)
-        mlflow.log_input(eval_ds, context="evaluation")
+        runs.log_input(eval_ds, context="evaluation")
         metrics = _evaluate_and_log(loaded.module, loaded.tokenizer, examples, loaded.generation, runs.TABLE_FILE,
                                     progress)
         mlflow.log_metrics(metrics, dataset=eval_ds)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 import warnings
 from typing import Sequence
 
@@ -225,6 +226,24 @@ def jsonable(value):
 
 # --------------------------------------------------------------------------- datasets
 MLFLOW_DIGEST_CHARS = 16  # MLflow stores dataset digests in a 36-char column
+
+
+def log_input(dataset, context: str, tries: int = 5) -> None:
+    """``mlflow.log_input``, again when another run logged the same dataset at the same moment.
+
+    MLflow's SQL store looks the dataset up, then inserts it: two runs of one project starting
+    together (a sweep's trials) both insert, and the second fails on the store's unique key
+    (sqlite "UNIQUE constraint failed", PostgreSQL "duplicate key"). Once the row exists the
+    look-up finds it."""
+    for attempt in range(tries):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            text = str(exc)
+            if attempt == tries - 1 or not ("UNIQUE constraint failed" in text or "duplicate key" in text):
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def to_mlflow_dataset(examples: Sequence[Example], name: str, source: str):

@@ -169,20 +169,37 @@ def pin_to_a_free_core() -> int | None:
     return None
 
 
-class TuneReporter:
-    """A tracker that passes everything on and reports the loss to Ray Tune (for the scheduler)."""
+class StoppedByScheduler(KeyboardInterrupt):
+    """Ray Tune's scheduler stopped this trial. Tune ends a stopped trial's training thread with
+    ``sys.exit(0)`` inside ``tune.report``; as a SystemExit, the trial's run would end FAILED with
+    the error "0". As a KeyboardInterrupt the run ends KILLED, as the driver marks it."""
 
-    def __init__(self, inner, run_id: str):
-        self.inner, self.run_id = inner, run_id
+
+class TuneReporter:
+    """A tracker that passes everything on and reports the loss to Ray Tune (for the scheduler).
+
+    The last step's loss is not reported on its own: it goes with the trial's final result, after
+    the evaluation. ASHA puts a rung at ``steps`` too (rungs are grace * 2**k below max_t = steps + 1),
+    and a trial judged there on its last loss would be killed before it is evaluated: it ran
+    everything and kept nothing (seen when a slower trial reached the last rung second)."""
+
+    def __init__(self, inner, run_id: str, steps: int, report=None):
+        if report is None:
+            from ray import tune
+
+            report = tune.report
+        self.inner, self.run_id, self.steps, self.report = inner, run_id, steps, report
         self.last_loss = float("nan")
 
     def log_scalar(self, name, value, step):
         self.inner.log_scalar(name, value, step)
         if name == "loss":
-            from ray import tune
-
             self.last_loss = float(value)
-            tune.report({"loss": float(value), "step": int(step) + 1, "mlflow_run_id": self.run_id})
+            if int(step) + 1 < self.steps:
+                try:
+                    self.report({"loss": float(value), "step": int(step) + 1, "mlflow_run_id": self.run_id})
+                except SystemExit:
+                    raise StoppedByScheduler(f"stopped by the scheduler at step {int(step) + 1}") from None
 
     def flush(self):
         self.inner.flush()
@@ -218,10 +235,13 @@ def _trial(values: dict, *, setup: dict) -> None:
     reporters = []
 
     def wrap(tracker, run_id):
-        reporters.append(TuneReporter(tracker, run_id))
+        reporters.append(TuneReporter(tracker, run_id, cfg.train.steps))
         return reporters[-1]
 
-    result = run_main(cfg, register=False, progress=False, tags=tags, wrap_tracker=wrap)
+    try:
+        result = run_main(cfg, register=False, progress=False, tags=tags, wrap_tracker=wrap)
+    except StoppedByScheduler:
+        sys.exit(0)  # as Tune ends a stopped trial (anything else would be reported as the trial's error)
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     # The last result says the run ended by itself (the driver marks the others stopped).
     tune.report({**final, "loss": reporters[-1].last_loss, "step": cfg.train.steps, "mlflow_run_id": result.run_id,
@@ -421,8 +441,9 @@ def _scheduler(name: str, cfg):
     if name == "fifo":
         return FIFOScheduler()
     steps = cfg.train.steps
-    # Rungs at a quarter and a half of training; max_t past the last step, so that ASHA never stops
-    # a trial at its end (it would stop it before its evaluation).
+    # Rungs at a quarter and a half of training (and one at the end, which only the final result,
+    # after the evaluation, reaches: TuneReporter). max_t past the last step: ASHA stops any trial
+    # whose step reaches max_t, and it must not stop one before its evaluation.
     return ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps + 1,
                          grace_period=max(1, steps // 4), reduction_factor=2)
 

@@ -86,6 +86,7 @@ def test_local_sweep_nests_trials_stops_one_and_registers_the_best(tracking_uri,
         if run.info.status == "KILLED":
             assert run.data.tags[STOPPED_BY_TAG].startswith("stopped by the asha scheduler at step ")
             assert "answer_accuracy" not in run.data.metrics
+            assert "mlflow_tunix.error" not in run.data.tags  # stopped, not crashed
             assert len(losses) < STEPS  # stopped early, not at the end
         else:
             assert STOPPED_BY_TAG not in run.data.tags
@@ -109,6 +110,46 @@ def test_local_sweep_nests_trials_stops_one_and_registers_the_best(tracking_uri,
 
     versions = client.search_model_versions("name='tunix-tiny'")
     assert [v.run_id for v in versions] == [chosen.info.run_id]
+
+
+class _Tracker:  # the tracker TuneReporter wraps; only what it passes on is looked at
+    def __init__(self):
+        self.logged = []
+
+    def log_scalar(self, name, value, step):
+        self.logged.append((name, step))
+
+
+def test_asha_never_judges_a_trial_on_its_last_loss_only_after_its_evaluation():
+    """CI once saw a KILLED trial with all its losses and no evaluation: ASHA has a rung at `steps`,
+    and a slower trial that reached the first rungs first met it second on its last loss. The real
+    scheduler is fed what TuneReporter reports, for the good trial first at every rung."""
+    from ray.tune.experiment import Trial
+
+    from mlflow_tunix.sweep import TuneReporter, _scheduler
+
+    class Cfg:
+        class train:
+            steps = STEPS
+
+    scheduler = _scheduler("asha", Cfg)
+    good, slow = Trial("__fake", trial_id="good", stub=True), Trial("__fake", trial_id="slow", stub=True)
+    decisions = {"good": [], "slow": []}
+    reporters, trackers = {}, {}
+    for trial in (good, slow):
+        scheduler.on_trial_add(None, trial)
+        trackers[trial.trial_id] = _Tracker()
+        reporters[trial.trial_id] = TuneReporter(trackers[trial.trial_id], f"run-{trial.trial_id}", STEPS, report=(
+            lambda result, trial=trial: decisions[trial.trial_id].append(
+                (result["step"], scheduler.on_trial_result(None, trial, result)))))
+    for step in range(STEPS):
+        # the slower-learning trial reaches the first rungs first, the good one the last
+        order = ("slow", "good") if step < 3 * STEPS // 4 else ("good", "slow")
+        for trial_id in order:
+            reporters[trial_id].log_scalar("loss", (3.0 if trial_id == "slow" else 2.0) - step / 100, step)
+    assert [name for name, _ in trackers["slow"].logged] == ["loss"] * STEPS  # every loss reaches MLflow
+    assert [d for d in decisions["slow"] if d[1] != "CONTINUE"] == []
+    assert [step for step, _ in decisions["slow"]] == list(range(1, STEPS))  # judged on every loss but the last
 
 
 def test_a_bad_space_is_refused_before_anything_starts(tracking_uri, tmp_path):

@@ -321,4 +321,7 @@ def validate(cfg: ProjectConfig) -> None:
         raise ConfigError(f"generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in "
                           f"model.max_seq_len={m.max_seq_len}")
     # Before any run starts: a model that cannot train in this machine's memory is one line, not a swap storm.
-    check_memory(m, batch_size=cfg.train.batch_size, training=True)
+    # Here the weights, optimizer state and a batch of single positions; pipeline.prepare checks again at the
+    # training data's own length (batches are as long as the longest example, rarely max_seq_len: the
+    # reasoning project's 2048 would have asked for 20 GiB for batches of 224 positions).
+    check_memory(m, batch_size=cfg.train.batch_size, training=True, seq_len=1)

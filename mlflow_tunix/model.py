@@ -316,11 +316,13 @@ def check_param_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]
             )
 
 
-def memory_estimate(config: ModelConfig, *, batch_size: int = 1, training: bool = False) -> int:
+def memory_estimate(config: ModelConfig, *, batch_size: int = 1, training: bool = False,
+                    seq_len: int | None = None) -> int:
     """Bytes a model with this config needs, roughly: float32 weights (with gradients and two Adam moments
-    when training, or the file's copy while loading) plus the activations of one batch at full length."""
+    when training, or the file's copy while loading) plus the activations of one batch of ``seq_len``
+    positions (default: full length, ``max_seq_len``; training batches are as long as the longest example)."""
     n_params = sum(math.prod(shape) for shape in param_shapes(config).values())
-    T, L = config.max_seq_len, config.n_layers
+    T, L = seq_len or config.max_seq_len, config.n_layers
     per_layer = batch_size * T * (6 * config.d_model + 3 * config.d_ff + config.n_heads * T)
     activations = 4 * (L * per_layer * (2 if training else 1) + batch_size * T * config.vocab_size * (3 if training else 1))
     return n_params * (16 if training else 8) + activations
@@ -338,13 +340,16 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(config: ModelConfig, *, batch_size: int = 1, training: bool = False) -> None:
+def check_memory(config: ModelConfig, *, batch_size: int = 1, training: bool = False,
+                 seq_len: int | None = None) -> None:
     """ConfigError (one line: how much it would need) when the model cannot fit in available memory."""
-    need, have = memory_estimate(config, batch_size=batch_size, training=training), available_memory()
+    need = memory_estimate(config, batch_size=batch_size, training=training, seq_len=seq_len)
+    have = available_memory()
     if have is not None and need > have:
         doing = f"training with batch_size {batch_size}" if training else "loading"
         raise ConfigError(f"model: {doing} this model would need about {need / 2**30:.1f} GiB of memory "
-                          f"(d_model={config.d_model}, n_layers={config.n_layers}, vocab_size={config.vocab_size}); "
+                          f"(d_model={config.d_model}, n_layers={config.n_layers}, vocab_size={config.vocab_size}"
+                          + (f", batches of {seq_len} positions" if seq_len and seq_len > 1 else "") + "); "
                           f"{have / 2**30:.1f} GiB are available")
 
 

@@ -33,7 +33,7 @@ from mlflow_tunix import resume as resume_mod  # (run_main's keyword argument is
 from mlflow_tunix.config import DataSource, ProjectConfig, from_dict, to_dict
 from mlflow_tunix.errors import DataError, ResumableError, TunixError
 from mlflow_tunix.evaluate import evaluate
-from mlflow_tunix.model import build_model, param_count, params_sha256
+from mlflow_tunix.model import build_model, check_memory, param_count, params_sha256
 from mlflow_tunix.tokenizer import train_tokenizer
 from mlflow_tunix.tracking import MlflowTracker, is_connection_error, one_line, resend_metrics, server_reachable
 from mlflow_tunix.train import TokenizedData, check_batch_size, tokenize_pairs, train
@@ -143,6 +143,7 @@ def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
                 if with_completion else None)
     if init_model is None:
         model_cfg = dataclasses.replace(cfg.model, vocab_size=len(tokenizer))
+    check_memory(model_cfg, batch_size=cfg.train.batch_size, training=True, seq_len=train_tok.tokens.shape[1])
     return Prepared(ds, tokenizer, train_tok, eval_tok, model_cfg, init_model)
 
 

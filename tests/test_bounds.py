@@ -143,6 +143,14 @@ def test_model_ceilings_and_memory_estimate():
     with pytest.raises(ConfigError, match=r"model: loading this model would need about \d+\.\d GiB of memory .* "
                                           r"GiB are available"):
         check_memory(huge)
+    # A long max_seq_len costs only when the data is long: batches are as long as the longest example.
+    long = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_ff=384, max_seq_len=2048)  # projects/reasoning
+    assert memory_estimate(long, batch_size=64, training=True) > 20 * 2**30
+    assert memory_estimate(long, batch_size=64, training=True, seq_len=224) < 2**30
+    wide = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_ff=1 << 16, max_seq_len=4096)
+    with pytest.raises(ConfigError, match=r"model: training with batch_size 512 this model would need about .*, batches of 4000 positions\); "):
+        check_memory(wide, batch_size=512, training=True, seq_len=4000)
+    check_memory(wide, batch_size=512, training=True, seq_len=1)  # (what config.validate checks)
 
 
 def test_build_time_grows_linearly_with_layers():

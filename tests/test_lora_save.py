@@ -121,6 +121,28 @@ def test_a_moved_or_different_base_is_refused_in_one_line(lora_run, tmp_path):
         flavor.load_model(adapters_dir)
 
 
+def test_an_mlflow_model_base_is_pinned_to_its_version_and_may_not_be_adapters(tracking_uri, lora_run, tmp_path):
+    _, ckpt, result = lora_run
+    flavor.log_model(ckpt.model, name="base", tokenizer=ckpt.tokenizer, registered_model_name="base")
+    client = MlflowClient(tracking_uri)
+    client.set_registered_model_alias("base", "champion", "1")
+    adapters_dir = tmp_path / "adapters"
+    flavor.save_model(result.model, adapters_dir, tokenizer=ckpt.tokenizer, generation_config=GENERATION,
+                      adapters=result.adapters, base="models:/base@champion")
+    recorded = yaml.safe_load((adapters_dir / "MLmodel").read_text())["flavors"]["mlflow_tunix"]["lora"]["base"]
+    assert (recorded["kind"], recorded["uri"]) == ("mlflow", "models:/base/1")  # an alias moves; a version does not
+    assert_same_weights(flat_params(flavor.load_model(adapters_dir).module), flat_params(result.model))
+
+    # A base must hold its weights: an adapters model is refused as a base (no chains, no cycles).
+    flavor.log_model(result.model, name="ad", tokenizer=ckpt.tokenizer, registered_model_name="ad",
+                     adapters=result.adapters, base="models:/base/1")
+    with pytest.raises(ModelLoadError, match=r"its LoRA base models:/ad/1 is itself saved as adapters"):
+        flavor.save_model(result.model, tmp_path / "chained", tokenizer=ckpt.tokenizer,
+                          adapters=result.adapters, base="models:/ad/1")
+    with pytest.raises(ModelLoadError, match=r"its LoRA base models:/nope/1 cannot be found"):
+        flavor.load_model(adapters_dir, base="models:/nope/1")
+
+
 def test_a_lora_run_with_save_adapters_logs_registers_and_serves(tracking_uri, tmp_path, lora_run):
     base = lora_run[0]
     proc = _cli(["run", "--config", PROJECT, "--init-from", base, "--steps", "20", "--no-progress",

@@ -809,8 +809,7 @@ def _resolve_base(ref: dict, config: ModelConfig, where: str, allow_code: bool |
     except (MlflowException, OSError) as exc:
         message = exc.message if isinstance(exc, MlflowException) else str(exc)
         raise ModelLoadError(f"{where}: its LoRA base {uri} cannot be found ({' '.join(message.split())[:200]}); "
-                             f"make it reachable (the tracking server it was logged to) or pass base= to "
-                             f"mlflow_tunix.load_model") from None
+                             f"use the tracking server it was logged to, or give where it is now as base=") from None
     flavors = _verified(local, allow_code)
     if "lora" in flavors[FLAVOR_NAME]:
         raise ModelLoadError(f"{where}: its LoRA base {uri} is itself saved as adapters; a base must hold its weights")

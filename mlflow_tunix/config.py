@@ -317,6 +317,9 @@ def validate(cfg: ProjectConfig) -> None:
     g, m = cfg.generation, cfg.model
     if cfg.data.template == "chat" and not m.init_from:
         raise ConfigError("data.template: 'chat' renders prompts with a checkpoint's chat template; set model.init_from")
+    if cfg.train.lora is not None and cfg.train.lora.save == "adapters" and not m.init_from:
+        raise ConfigError("train.lora.save: 'adapters' logs the adapters with a reference to their base checkpoint; "
+                          "set model.init_from (or save: merged)")
     if g.max_new_tokens >= m.max_seq_len:
         raise ConfigError(f"generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in "
                           f"model.max_seq_len={m.max_seq_len}")

@@ -21,6 +21,12 @@ What a saved model holds (the MLflow model directory)::
     tunix/tokenizer/             tokenizer.save_pretrained (JSON files)
     tunix/manifest.json          sha256 and size of every file above, checked on load
 
+A LoRA model can instead be saved as its adapters and a reference to its base (``save_model(...,
+adapters=result.adapters, base="models:/base/1")``): ``tunix/adapters.safetensors`` replaces the
+weights, and MLmodel's ``lora`` section records the base (an MLflow model URI or a local Hugging
+Face folder) with the sha256 of its weights. Loading resolves the base, refuses one whose weights
+differ, and merges the adapters: the model generates exactly what the merged save does.
+
 Nothing is pickled, so loading a model never executes code stored in it: weights are safetensors,
 everything else is JSON. A file that is missing, truncated, altered or unexpected makes the load
 fail with :class:`~mlflow_tunix.errors.ModelLoadError` naming the file. A save is written to a temporary
@@ -71,6 +77,7 @@ from mlflow.utils.file_utils import get_total_file_size, write_to
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path, _validate_and_copy_code_paths
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
+from mlflow_tunix import hf, lora
 from mlflow_tunix.data import parse_answer, parse_reasoning, render_prompt
 from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError, short
 from mlflow_tunix.generate import GenerationConfig, generate_text, request_error
@@ -90,8 +97,12 @@ FLAVOR_NAME = "mlflow_tunix"
 # Bump when the files change meaning; load refuses newer ones. 2: the manifest lists every file of the
 # model directory (not only DATA_PATH's) and MLmodel's flavor sections.
 FORMAT_VERSION = 2
+# 3: the weights are LoRA adapters on a recorded base (MLmodel's ``lora`` section). Only such saves
+# are written as 3, so an older mlflow-tunix still reads every merged save and refuses these clearly.
+ADAPTERS_FORMAT_VERSION = 3
 DATA_PATH = "tunix"  # the flavor's sub-directory inside the MLflow model directory
 WEIGHTS_FILE = "model.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"  # instead of WEIGHTS_FILE in an adapters save: "<weight>.lora_a/b"
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation.json"
 TOKENIZER_DIR = "tokenizer"
@@ -316,13 +327,20 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _write_data_dir(data_dir: Path, module: Transformer, tokenizer, generation: GenerationConfig) -> None:
-    """Write the weights, configs and tokenizer (the manifest comes last, see _write_manifest)."""
+def _write_data_dir(data_dir: Path, module: Transformer, tokenizer, generation: GenerationConfig,
+                    adapters: lora.Adapters | None = None) -> None:
+    """Write the weights (or only the adapters), configs and tokenizer (the manifest comes last, see
+    _write_manifest)."""
     import safetensors.numpy
 
     data_dir.mkdir()
-    weights = {name: np.ascontiguousarray(array) for name, array in flat_params(module).items()}
-    safetensors.numpy.save_file(weights, str(data_dir / WEIGHTS_FILE), metadata={"format": "np"})
+    if adapters is None:
+        weights = {name: np.ascontiguousarray(array) for name, array in flat_params(module).items()}
+        safetensors.numpy.save_file(weights, str(data_dir / WEIGHTS_FILE), metadata={"format": "np"})
+    else:
+        tensors = {f"{name}.lora_{k}": np.ascontiguousarray(np.asarray(ab[k]))
+                   for name, ab in adapters.weights.items() for k in ("a", "b")}
+        safetensors.numpy.save_file(tensors, str(data_dir / ADAPTERS_FILE), metadata={"format": "np"})
     _write_json(data_dir / CONFIG_FILE, dataclasses.asdict(module.config))
     _write_json(data_dir / GENERATION_FILE, dataclasses.asdict(generation))
     tokenizer.save_pretrained(str(data_dir / TOKENIZER_DIR))
@@ -347,6 +365,46 @@ def _write_manifest(root: Path, flavors: dict) -> str:
     return _sha256(manifest_path)
 
 
+def _base_reference(base) -> dict:
+    """``{"uri", "kind"}`` of a LoRA base: ``mlflow`` (a model URI, or a local MLflow model directory)
+    or ``hf`` (a local Hugging Face folder). Folders become absolute paths; an ``@alias`` is pinned to
+    the version it names now (an alias moves, a version does not)."""
+    text = str(base)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return {"uri": str(folder.resolve()), "kind": "mlflow" if (folder / MLMODEL_FILE_NAME).is_file() else "hf"}
+    if text.startswith("models:/") and "@" in text:
+        from mlflow import MlflowClient
+
+        name, _, alias = text[len("models:/"):].partition("@")
+        try:
+            text = f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+        except MlflowException as exc:
+            raise ModelLoadError(f"base: {text}: {' '.join(exc.message.split())[:200]}") from None
+    if "://" in text or text.startswith(("models:/", "runs:/")):
+        return {"uri": text, "kind": "mlflow"}
+    raise ModelLoadError(f"base: {text}: no such folder, and not an MLflow model URI (models:/..., runs:/...)")
+
+
+def _lora_section(module: Transformer, adapters: lora.Adapters, base) -> dict:
+    """MLmodel's ``lora`` section for an adapters save: the LoRA config and the base with its sha256,
+    once base + adapters is checked to give exactly ``module``'s weights."""
+    weights = flat_params(module)
+    ref = {**_base_reference(base), "dtype": str(weights["embed"].dtype)}
+    base_module = _resolve_base(ref, module.config, "base", allow_code=None)
+    _check_adapters(adapters, base_module, f"base {ref['uri']}")
+    merged = flat_params(lora.apply(base_module, adapters))
+    differing = sorted(set(weights) ^ set(merged)) or [
+        n for n in sorted(weights) if weights[n].dtype != merged[n].dtype or weights[n].tobytes() != merged[n].tobytes()]
+    if differing:
+        raise ConfigError(f"adapters: on the base {ref['uri']} they do not give this model's weights ({differing[0]} "
+                          f"differs); pass the model trained from that base with its adapters")
+    c = adapters.config
+    return {"rank": c.rank, "alpha": float(c.alpha), "targets": list(c.targets),
+            "adapter_param_count": adapters.param_count(),
+            "base": {**ref, "params_sha256": params_sha256(base_module)}}
+
+
 def save_model(
     model,
     path,
@@ -361,6 +419,8 @@ def save_model(
     pip_requirements: list[str] | str | None = None,
     extra_pip_requirements: list[str] | str | None = None,
     metadata: dict[str, Any] | None = None,
+    adapters: lora.Adapters | None = None,
+    base: str | None = None,
     **kwargs,
 ) -> None:
     """
@@ -391,10 +451,21 @@ def save_model(
             (:func:`get_default_pip_requirements`).
         extra_pip_requirements: Added to the default pip requirements.
         metadata: A dict stored in the MLmodel file.
+        adapters: With ``base``: save the LoRA adapters (``TrainResult.adapters`` of a ``train.lora``
+            run) instead of the weights; ``model`` is the merged model they give on ``base``.
+        base: The model the adapters were trained on: an MLflow model URI (``models:/NAME/VERSION``;
+            an ``@alias`` is pinned to its current version; ``runs:/...``) or a local folder (an
+            MLflow model directory or a Hugging Face checkpoint, recorded as an absolute path).
+            It is loaded now: the sha256 of its weights is recorded, and the save is refused unless
+            base + adapters gives exactly ``model``'s weights.
         kwargs: Accepted for ``mlflow.models.Model.log``; unknown names are logged and ignored.
     """
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     module, tokenizer, generation = _parts(model, tokenizer, generation_config)
+    if (adapters is None) != (base is None):
+        raise TypeError("save_model() takes adapters= and base= together (the LoRA adapters and the model they "
+                        "were trained on); with neither it saves the model's own weights")
+    lora_section = _lora_section(module, adapters, base) if adapters is not None else None
     try:  # refuse to save defaults that no request could use
         _generation_with(generation, {}, module.config.max_seq_len)
     except InputError as exc:
@@ -421,6 +492,7 @@ def save_model(
             conda_env=conda_env, code_paths=code_paths, mlflow_model=mlflow_model, signature=signature,
             input_example=input_example, pip_requirements=pip_requirements,
             extra_pip_requirements=extra_pip_requirements, metadata=metadata,
+            adapters=adapters, lora_section=lora_section,
         )
         if path.exists():
             path.rmdir()  # the empty directory the caller prepared
@@ -431,7 +503,8 @@ def save_model(
 
 
 def _save_into(root: Path, module, tokenizer, generation, *, conda_env, code_paths, mlflow_model, signature,
-               input_example, pip_requirements, extra_pip_requirements, metadata) -> None:
+               input_example, pip_requirements, extra_pip_requirements, metadata, adapters=None,
+               lora_section=None) -> None:
     code_dir_subpath = _validate_and_copy_code_paths(code_paths, str(root))
     if mlflow_model is None:
         mlflow_model = Model()
@@ -443,7 +516,7 @@ def _save_into(root: Path, module, tokenizer, generation, *, conda_env, code_pat
     if metadata is not None:
         mlflow_model.metadata = metadata
 
-    _write_data_dir(root / DATA_PATH, module, tokenizer, generation)
+    _write_data_dir(root / DATA_PATH, module, tokenizer, generation, adapters if lora_section else None)
 
     if conda_env is None:
         default_reqs = get_default_pip_requirements() if pip_requirements is None else None
@@ -470,7 +543,7 @@ def _save_into(root: Path, module, tokenizer, generation, *, conda_env, code_pat
     mlflow_model.add_flavor(
         FLAVOR_NAME,
         mlflow_tunix_version=_own_requirement().partition("==")[2] or None,
-        format_version=FORMAT_VERSION,
+        format_version=FORMAT_VERSION if lora_section is None else ADAPTERS_FORMAT_VERSION,
         data=DATA_PATH,
         model_family=module.config.family,
         model_config=dataclasses.asdict(module.config),
@@ -479,6 +552,8 @@ def _save_into(root: Path, module, tokenizer, generation, *, conda_env, code_pat
         flax_version=flax.__version__,
         code=code_dir_subpath,
     )
+    if lora_section is not None:
+        mlflow_model.flavors[FLAVOR_NAME]["lora"] = lora_section
     # Last, so it covers every other file and the flavor sections just written.
     mlflow_model.flavors[FLAVOR_NAME]["manifest_sha256"] = _write_manifest(root, mlflow_model.flavors)
     if size := get_total_file_size(str(root)):
@@ -506,6 +581,8 @@ def log_model(
     model_type: str | None = None,
     step: int = 0,
     model_id: str | None = None,
+    adapters: lora.Adapters | None = None,
+    base: str | None = None,
     **kwargs,
 ):
     """
@@ -533,6 +610,9 @@ def log_model(
         model_type: A free-form model type recorded on the LoggedModel.
         step: The training step the model corresponds to (links the run's metrics at that step).
         model_id: Log into this existing LoggedModel instead of creating one.
+        adapters: With ``base``: log only the LoRA adapters and a reference to their base (see
+            :func:`save_model`); loading resolves the base and merges them.
+        base: The model the adapters were trained on (see :func:`save_model`).
         kwargs: Passed on to :meth:`mlflow.models.Model.log`.
 
     Returns:
@@ -559,6 +639,8 @@ def log_model(
         model_type=model_type,
         step=step,
         model_id=model_id,
+        adapters=adapters,
+        base=base,
         **kwargs,
     )
 
@@ -688,10 +770,11 @@ def _verified(model_dir: Path, allow_code: bool | None) -> dict:
     allow = _code_allowed(allow_code)
     flavors = _check_mlmodel(model_dir, allow)
     saved_format = flavors[FLAVOR_NAME].get("format_version", FORMAT_VERSION)
-    if not isinstance(saved_format, int) or isinstance(saved_format, bool) or saved_format > FORMAT_VERSION:
+    newest = ADAPTERS_FORMAT_VERSION
+    if not isinstance(saved_format, int) or isinstance(saved_format, bool) or saved_format > newest:
         raise ModelLoadError(
             f"{model_dir}: saved in format version {short(saved_format)}, newer than this mlflow-tunix "
-            f"reads ({FORMAT_VERSION}); upgrade mlflow-tunix"
+            f"reads ({newest}); upgrade mlflow-tunix"
         )
     _check_files(model_dir, flavors, allow)
     return flavors
@@ -712,24 +795,102 @@ def _read_dataclass(cls, path: Path):
         raise ModelLoadError(f"{path}: {exc}") from exc
 
 
-def _load_from_data_dir(data_dir: Path) -> TunixModel:
-    """Build the model from a data directory that _verified has checked."""
+def _resolve_base(ref: dict, config: ModelConfig, where: str, allow_code: bool | None) -> Transformer:
+    """The module a LoRA base reference points to (a recorded base: the one place a load reads
+    outside its model directory). Its own checks apply: an MLflow model is verified like any other."""
+    uri = ref["uri"]
+    if ref["kind"] == "hf":
+        if not Path(uri).is_dir():
+            raise ModelLoadError(f"{where}: its LoRA base, the Hugging Face folder {uri}, is missing; put that folder "
+                                 f"back or pass its new place as base= to mlflow_tunix.load_model")
+        return hf.load_checkpoint(uri, dtype=ref.get("dtype", "float32"), max_seq_len=config.max_seq_len).model
+    try:
+        local = Path(_download_artifact_from_uri(artifact_uri=uri))
+    except (MlflowException, OSError) as exc:
+        message = exc.message if isinstance(exc, MlflowException) else str(exc)
+        raise ModelLoadError(f"{where}: its LoRA base {uri} cannot be found ({' '.join(message.split())[:200]}); "
+                             f"use the tracking server it was logged to, or give where it is now as base=") from None
+    flavors = _verified(local, allow_code)
+    if "lora" in flavors[FLAVOR_NAME]:
+        raise ModelLoadError(f"{where}: its LoRA base {uri} is itself saved as adapters; a base must hold its weights")
+    return _load_from_data_dir(local / flavors[FLAVOR_NAME].get("data", DATA_PATH), flavors[FLAVOR_NAME]).module
+
+
+def _check_adapters(adapters: lora.Adapters, base_module: Transformer, where: str) -> None:
+    """The adapters are the ones the LoRA config puts on the base: same names and shapes."""
+    expected = lora.target_shapes(base_module, adapters.config)
+    for name in sorted(set(expected) | set(adapters.weights)):
+        if name not in adapters.weights or name not in expected:
+            raise ModelLoadError(f"{where}: adapter for {name!r} " + ("missing" if name in expected else "unexpected"))
+        shapes = tuple(tuple(adapters.weights[name][k].shape) for k in ("a", "b"))
+        if shapes != expected[name]:
+            raise ModelLoadError(f"{where}: adapter for {name!r} has shapes {shapes}, expected {expected[name]}")
+
+
+def _adapters_weights(data_dir: Path, config: ModelConfig, section, allow_code, base_override) -> dict:
+    """The merged weights of an adapters save: its base resolved and checked against the recorded
+    sha256, its adapters read and added (the arithmetic of training's final merge)."""
+    import safetensors.numpy
+
+    mlmodel = data_dir.parent / MLMODEL_FILE_NAME
+    try:
+        lcfg = lora.LoraConfig(rank=section["rank"], alpha=section["alpha"], targets=tuple(section["targets"]))
+        recorded = section["base"]
+        expected = str(recorded["params_sha256"])
+        ref = {"uri": str(recorded["uri"]), "kind": recorded["kind"], "dtype": str(recorded.get("dtype", "float32"))}
+        if ref["kind"] not in ("mlflow", "hf"):
+            raise ValueError(f"base kind {ref['kind']!r}")
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise ModelLoadError(f"{mlmodel}: unreadable {FLAVOR_NAME}.lora section ({str(exc)[:200]})") from None
+    if base_override is not None:
+        ref = {**_base_reference(base_override), "dtype": ref["dtype"]}
+    where = str(data_dir.parent)
+    base_module = _resolve_base(ref, config, where, allow_code)
+    actual = params_sha256(base_module)
+    if actual != expected:
+        raise ModelLoadError(f"{where}: the LoRA base {ref['uri']} has weights sha256 {actual[:12]}..., not the "
+                             f"{expected[:12]}... the adapters were trained on; provide that base (base= to load_model)")
+    path = data_dir / ADAPTERS_FILE
+    try:
+        tensors = safetensors.numpy.load_file(str(path))
+    except Exception as exc:  # a malformed file (the manifest checked its bytes, so only a bad save)
+        raise ModelLoadError(f"{path}: unreadable safetensors file ({str(exc)[:200]})") from None
+    weights: dict = {}
+    for key, value in tensors.items():
+        name, _, part = key.rpartition(".lora_")
+        if part not in ("a", "b") or not name:
+            raise ModelLoadError(f"{path}: unexpected tensor {key!r}")
+        weights.setdefault(name, {})[part] = value
+    adapters = lora.Adapters(lcfg, weights)
+    if any(set(ab) != {"a", "b"} for ab in weights.values()):
+        raise ModelLoadError(f"{path}: an adapter lacks its lora_a or lora_b tensor")
+    _check_adapters(adapters, base_module, str(path))
+    return flat_params(lora.apply(base_module, adapters))
+
+
+def _load_from_data_dir(data_dir: Path, conf: dict | None = None, allow_code: bool | None = None,
+                        base_override=None) -> TunixModel:
+    """Build the model from a data directory that _verified has checked (``conf``: its flavor section)."""
     import safetensors
     import safetensors.numpy
 
     config = _read_dataclass(ModelConfig, data_dir / CONFIG_FILE)
     generation = _read_dataclass(GenerationConfig, data_dir / GENERATION_FILE)
-    weights_path = data_dir / WEIGHTS_FILE
+    section = (conf or {}).get("lora")
+    weights_path = data_dir / (WEIGHTS_FILE if section is None else ADAPTERS_FILE)
     try:  # before anything is allocated: the machine can hold it, and the header matches the config
         check_memory(config)
-        with safetensors.safe_open(str(weights_path), framework="numpy") as f:
-            header = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        check_param_shapes(config, header)
-        weights = safetensors.numpy.load_file(str(weights_path))
+        if section is None:
+            with safetensors.safe_open(str(weights_path), framework="numpy") as f:
+                header = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            check_param_shapes(config, header)
+            weights = safetensors.numpy.load_file(str(weights_path))
     except (ConfigError, ModelLoadError) as exc:
         raise ModelLoadError(f"{weights_path}: {exc}") from None
     except Exception as exc:  # safetensors raises its own SafetensorError on a malformed header
         raise ModelLoadError(f"{weights_path}: unreadable safetensors file ({str(exc)[:200]})") from None
+    if section is not None:
+        weights = _adapters_weights(data_dir, config, section, allow_code, base_override)
     try:
         module = build_model(config, params=weights)
     except (ConfigError, ModelLoadError) as exc:
@@ -774,7 +935,7 @@ def _check_registered(name: str, version: str, module: Transformer) -> None:
             f"params_sha256 tag {registered[:12]}...; the model files changed after registration")
 
 
-def load_model(model_uri, dst_path=None, *, allow_code: bool | None = None) -> TunixModel:
+def load_model(model_uri, dst_path=None, *, allow_code: bool | None = None, base=None) -> TunixModel:
     """
     Load a model saved or logged by this flavor.
 
@@ -793,6 +954,9 @@ def load_model(model_uri, dst_path=None, *, allow_code: bool | None = None) -> T
             holds files its manifest does not list, and put its code on ``sys.path``. Only for a
             model you trust. Default: the ``MLFLOW_TUNIX_ALLOW_MODEL_CODE`` environment variable
             (``1``), else False.
+        base: For a model saved as LoRA adapters: load its base from here instead of the recorded
+            place (a moved Hugging Face folder, another copy of the base model). Its weights must
+            still have the recorded sha256.
 
     Returns:
         A :class:`TunixModel`. A missing, truncated, altered or unexpected file, code in the model,
@@ -808,7 +972,7 @@ def load_model(model_uri, dst_path=None, *, allow_code: bool | None = None) -> T
     conf = flavors[FLAVOR_NAME]
     if _code_allowed(allow_code):
         _add_code_from_conf_to_system_path(str(local_path), conf)
-    loaded = _load_from_data_dir(local_path / conf.get("data", DATA_PATH))
+    loaded = _load_from_data_dir(local_path / conf.get("data", DATA_PATH), conf, allow_code, base)
     if registered := _registered_version(str(model_uri), local_path):
         _check_registered(*registered, loaded.module)
     return loaded
@@ -846,7 +1010,7 @@ def _load_pyfunc(path):
     conf = flavors[FLAVOR_NAME]
     if data_dir.resolve() != (model_dir / conf.get("data", DATA_PATH)).resolve():
         raise ModelLoadError(f"{model_dir / MLMODEL_FILE_NAME}: python_function.data and {FLAVOR_NAME}.data differ")
-    loaded = _load_from_data_dir(data_dir)
+    loaded = _load_from_data_dir(data_dir, conf, allow)
     if registered := _registered_version("models:/", model_dir):
         _check_registered(*registered, loaded.module)
     return _TunixPyfuncModel(loaded)

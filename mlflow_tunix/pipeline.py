@@ -112,6 +112,12 @@ class Prepared:
     init_model: Any = None  # the imported checkpoint's Transformer (model.init_from), else None
 
 
+def init_from_source(cfg: ProjectConfig) -> str:
+    """``model.init_from`` as given, or relative to the config file when a folder is there."""
+    beside_config = Path(cfg.base_dir) / cfg.model.init_from
+    return str(beside_config) if beside_config.is_dir() else cfg.model.init_from
+
+
 def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
     """Data -> tokenizer -> token arrays, and the config checks that need the data (the batch
     against the training set, ``model.max_seq_len`` against the longest example).
@@ -124,9 +130,7 @@ def prepare(cfg: ProjectConfig, tokenizer=None) -> Prepared:
     check_batch_size(cfg.train.batch_size, len(ds.train))
     model_cfg, init_model = cfg.model, None
     if cfg.model.init_from:
-        beside_config = Path(cfg.base_dir) / cfg.model.init_from  # a relative folder is relative to the config
-        source = beside_config if beside_config.is_dir() else cfg.model.init_from
-        ckpt = hf.load_checkpoint(source, max_seq_len=cfg.model.max_seq_len)
+        ckpt = hf.load_checkpoint(init_from_source(cfg), max_seq_len=cfg.model.max_seq_len)
         init_model, model_cfg = ckpt.model, ckpt.model.config
         tokenizer = tokenizer or ckpt.tokenizer
 
@@ -329,13 +333,18 @@ class _Job:
         if self.resumed:
             MlflowClient().set_tag(self.run_id, runs.RESUMED_FROM_TAG, str(result.first_step))
         self.sha = params_sha256(result.model)
+        lora = self.cfg.train.lora
+        # train.lora.save: adapters logs the adapters and a reference to the checkpoint folder they
+        # were trained on (its weights' sha256 checked at every load), not the merged weights.
+        as_adapters = {"adapters": result.adapters, "base": init_from_source(self.cfg)} if (
+            lora is not None and lora.save == "adapters") else {}
         # The flavor writes the model completely before MLflow uploads it, and an upload that fails
         # leaves the LoggedModel FAILED: a partial model can exist, but is never registered.
         info = flavor.log_model(
             result.model, name=f"{self.cfg.name}-{self.run_id[:8]}", tokenizer=self.prep.tokenizer,
             generation_config=self.cfg.generation,
             metadata={"project": self.cfg.name, "params_sha256": self.sha, "project_config": runs.jsonable(to_dict(self.cfg))},
-            input_example=[self.prep.ds.eval[0].prompt] if input_example else None,
+            input_example=[self.prep.ds.eval[0].prompt] if input_example else None, **as_adapters,
         )
         # Logged with model_id (and the eval dataset), so the model's own page shows the final figures.
         summary = {"final_loss": result.final_loss, "train_seconds": result.seconds,

@@ -265,6 +265,7 @@ class TrainResult:
     first_step: int = 0  # > 0 when resumed from the checkpoint of that step
     trained_params: int = 0  # parameters the optimizer updated (all of them, or the LoRA adapters)
     optimizer_state_size: int = 0  # numbers in the optimizer state
+    adapters: Any = None  # lora.Adapters of a train.lora run (``model`` has them merged), else None
 
 
 def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: TokenizedData | None = None,
@@ -320,7 +321,8 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     params = loop.state.params if base is None else lora.merged(base, loop.state.params, scale)  # saved merged
     return TrainResult(nnx.merge(graphdef, params), loop.final_loss, loop.eval_loss, config.steps,
                        loop.total_tokens / max(seconds, 1e-9), seconds, loop.first_step,
-                       _size(loop.state.params), _size(loop.state.opt_state))
+                       _size(loop.state.params), _size(loop.state.opt_state),
+                       None if base is None else lora.Adapters(config.lora, loop.state.params))
 
 
 def _size(tree) -> int:

@@ -158,7 +158,14 @@ def _check_resume_alone(resume, **options):
 
 
 def _train_command(fn_name, resume, no_progress, options):
-    """Run the pipeline; Ctrl-C/SIGTERM (checkpointed by the trainer) exit 128+signal, no traceback."""
+    """Run the pipeline; Ctrl-C/SIGTERM (checkpointed by the trainer) exit 128+signal, no traceback.
+    With train.processes > 1, start that many copies of this command as one data-parallel group."""
+    from mlflow_tunix import distributed
+
+    if not distributed.initialize_from_env():  # (a member of a group joins it before any JAX computation)
+        n = _processes(resume, options)
+        if n > 1:
+            return _launch_group(n)
     from mlflow_tunix import pipeline
 
     try:
@@ -172,6 +179,53 @@ def _train_command(fn_name, resume, no_progress, options):
         where = f"{exc or 'interrupted'}" + (f". Continue with: {_resume_command(run_id)}" if run_id else "")
         click.echo(f"[mlflow-tunix] {where}", err=True)
         sys.exit(128 + getattr(exc, "signum", 2))
+
+
+def _processes(resume, options) -> int:
+    from mlflow_tunix import distributed
+
+    if _opt(resume):
+        from mlflow_tunix import resume as resume_mod
+
+        _check_resume_alone(resume, **options)
+        cfg = resume_mod.find(resume).cfg
+    else:
+        cfg = _load(**options)
+    return distributed.processes_for(cfg.train.processes)
+
+
+def _launch_group(n: int) -> None:
+    """This command again as ``n`` processes (distributed.launch): process 0 does the job and owns
+    the MLflow run, the others train beside it. If one dies, the others are stopped and the run is
+    FAILED, with one line naming the process."""
+    import os
+    import tempfile
+
+    from mlflow_tunix import distributed
+
+    click.echo(f"[mlflow-tunix] data parallel: {n} processes", err=True)
+    with tempfile.TemporaryDirectory() as folder:
+        run_id_file = os.path.join(folder, "run_id")
+        argv = [sys.executable, "-m", "mlflow_tunix.cli", *sys.argv[1:]]
+        try:
+            distributed.launch(argv, n, env={distributed.ENV_RUN_ID_FILE: run_id_file})
+        except distributed.WorkerDied as exc:
+            run_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else None
+            if exc.process == 0 and exc.code > 0:
+                sys.exit(exc.code)  # process 0 said why itself, and ended its run
+            _fail_run(run_id)
+            raise TunixError(f"{exc}; the group was stopped" + (f" and run {run_id} is FAILED; continue with: "
+                                                                 f"{_resume_command(run_id)}" if run_id else "")) from None
+
+
+def _fail_run(run_id: str | None) -> None:
+    if not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
 
 
 @main.command()

@@ -143,7 +143,7 @@ def test_cli_two_processes_run_the_job_and_a_dead_worker_fails_the_run(tracking_
     assert run.info.status == "FINISHED"
     assert run.data.metrics["n_eval"] == 40  # both shares of the 40 held-out prompts were scored
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(20))
-    assert [v.version for v in client.search_model_versions("name='dp'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='dp'")] == ["1"]
 
     # A worker killed mid-training: the group stops, the run is FAILED, nothing more is registered.
     argv = [sys.executable, "-m", "mlflow_tunix.cli", "run", *map(str, common), "--steps", "100000",

@@ -6,10 +6,11 @@ The default project (addition) is prepared once (data, tokenizer, tokens); then 
 in turn (the order alternating between rounds, so a busy neighbour slows both alike):
   1 process   : ``train.train`` in one process free to use every core (XLA's own threads);
   N processes : the same ``train.train`` in N processes, each pinned to its own core, joined by
-                jax.distributed (gloo), the batch split on its rows, the gradients all-reduced.
+                jax.distributed (gloo), the batch split on its rows, the gradients all-reduced;
+  N devices   : one process with N forced host devices (XLA_FLAGS), the batch sharded over them.
 Both use the real jitted step, the real (seed, step) batches, batch 64, no tracking, no checkpoints.
 Throughput is the median over log windows of 10 steps after the first (compilation excluded), in
-positions (B x L) per second. Prints the medians of the rounds and the ratio; ``--json`` writes them.
+positions (B x L) per second. Prints the medians of the rounds and the ratios to 1 process; ``--json`` writes them.
 """
 
 from __future__ import annotations
@@ -48,14 +49,16 @@ def child(folder: Path, steps: int, batch_size: int, out: Path) -> None:
         out.write_text(json.dumps({"tokens_per_sec": statistics.median(windows), "final_loss": result.final_loss}))
 
 
-def run_side(folder: Path, n: int, steps: int, batch_size: int) -> dict:
+def run_side(folder: Path, side: str, n: int, steps: int, batch_size: int) -> dict:
     from mlflow_tunix import distributed
 
-    out = folder / f"result-{n}.json"
+    out = folder / f"result-{side}.json"
     argv = [sys.executable, __file__, "--child", str(folder), "--steps", str(steps), "--batch-size", str(batch_size),
             "--out", str(out)]
     env = {"PYTHONPATH": str(REPO), "MLFLOW_TUNIX_JAX_CACHE": "0"}
-    if n == 1:
+    if side == "devices":  # one process, n host devices, the batch sharded over them (the same train path)
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    if side != "processes":
         subprocess.run(argv, env={**os.environ, **env}, check=True)
     else:
         distributed.launch(argv, n, env=env)
@@ -85,21 +88,22 @@ def main() -> None:
     print(f"addition: {len(prep.train_tok.tokens)} rows of {prep.train_tok.tokens.shape[1]} tokens, "
           f"batch {args.batch_size}, {args.steps} steps a side, {args.rounds} rounds; load {os.getloadavg()[0]:.1f}",
           flush=True)
-    sides = {1: [], args.processes: []}
+    n = args.processes
+    names = {"one": "1 process", "processes": f"{n} processes", "devices": f"1 process, {n} host devices"}
+    sides = {side: [] for side in names}
     for r in range(args.rounds):
-        order = [1, args.processes] if r % 2 == 0 else [args.processes, 1]
-        for n in order:
-            figures = run_side(folder, n, args.steps, args.batch_size)
-            sides[n].append(figures)
-            print(f"round {r}: {n} process(es): {figures['tokens_per_sec']:,.0f} tokens/s, "
+        order = list(names) if r % 2 == 0 else list(reversed(names))
+        for side in order:
+            figures = run_side(folder, side, n, args.steps, args.batch_size)
+            sides[side].append(figures)
+            print(f"round {r}: {names[side]}: {figures['tokens_per_sec']:,.0f} tokens/s, "
                   f"final loss {figures['final_loss']:.6f}", flush=True)
-    med = {n: statistics.median(f["tokens_per_sec"] for f in runs) for n, runs in sides.items()}
-    ratio = med[args.processes] / med[1]
-    print(f"median tokens/s: 1 process {med[1]:,.0f} | {args.processes} processes {med[args.processes]:,.0f} "
-          f"| ratio {ratio:.2f}x  (load now {os.getloadavg()[0]:.1f})")
+    med = {side: statistics.median(f["tokens_per_sec"] for f in runs) for side, runs in sides.items()}
+    print("median tokens/s: " + " | ".join(f"{names[s]} {med[s]:,.0f} ({med[s] / med['one']:.2f}x)" for s in names)
+          + f"  (load now {os.getloadavg()[0]:.1f})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"median_tokens_per_sec": med, "ratio": ratio,
-                                               "rounds": {str(k): v for k, v in sides.items()}}, indent=1))
+        Path(args.json).write_text(json.dumps({"median_tokens_per_sec": med, "names": names, "rounds": sides},
+                                              indent=1))
 
 
 if __name__ == "__main__":

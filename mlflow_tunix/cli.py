@@ -191,7 +191,11 @@ def _processes(resume, options) -> int:
         cfg = resume_mod.find(resume).cfg
     else:
         cfg = _load(**options)
-    return distributed.processes_for(cfg.train.processes)
+    n = distributed.processes_for(cfg.train.processes)
+    if n > 1 and cfg.train.batch_size % n:  # (said here once, not by each process)
+        raise TunixError(f"train.batch_size: {cfg.train.batch_size} does not split over {n} data-parallel "
+                         f"processes (train.processes={cfg.train.processes}); use a multiple of {n}")
+    return n
 
 
 def _launch_group(n: int) -> None:
@@ -207,25 +211,37 @@ def _launch_group(n: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         run_id_file = os.path.join(folder, "run_id")
         argv = [sys.executable, "-m", "mlflow_tunix.cli", *sys.argv[1:]]
+
+        def current_run():  # the run process 0 started (distributed.announce_run), if it got that far
+            return open(run_id_file).read().strip() if os.path.exists(run_id_file) else None
+
         try:
             distributed.launch(argv, n, env={distributed.ENV_RUN_ID_FILE: run_id_file})
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the group is stopped; the newest checkpoint stays
+            signum = exc.args[0] if exc.args else 2
+            run_id = current_run()
+            _end_run(run_id, "KILLED")
+            where = f". Continue from its newest checkpoint with: {_resume_command(run_id)}" if run_id else ""
+            click.echo(f"[mlflow-tunix] stopped the {n} data-parallel processes{where}", err=True)
+            sys.exit(128 + signum)
         except distributed.WorkerDied as exc:
-            run_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else None
+            run_id = current_run()
             if exc.process == 0 and exc.code > 0:
                 sys.exit(exc.code)  # process 0 said why itself, and ended its run
-            _fail_run(run_id)
+            _end_run(run_id, "FAILED")
             raise TunixError(f"{exc}; the group was stopped" + (f" and run {run_id} is FAILED; continue with: "
                                                                  f"{_resume_command(run_id)}" if run_id else "")) from None
 
 
-def _fail_run(run_id: str | None) -> None:
+def _end_run(run_id: str | None, status: str) -> None:
+    """End the run process 0 could not end itself (it was stopped with the group)."""
     if not run_id:
         return
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, "FAILED")
+        client.set_terminated(run_id, status)
 
 
 @main.command()
@@ -238,7 +254,8 @@ def run(config, train_data, eval_data, init_from, steps, seed, overrides, regist
     Logs params, the loss curve, both datasets, eval metrics, every generated answer (as a table)
     and the model (mlflow_tunix flavor) to one MLflow run, then registers the model in Staging.
     Training is checkpointed (train.checkpoint_every); `--resume RUN_ID` continues a run that
-    stopped, to the same weights an uninterrupted run would have.
+    stopped, to the same weights an uninterrupted run would have. `--set train.processes=auto`
+    trains data parallel, one process per CPU core (docs/scaling.md).
     """
     _train_command("run_main", resume, no_progress, dict(
         config=config, train_data=train_data, eval_data=eval_data, init_from=init_from, steps=steps, seed=seed,

@@ -185,10 +185,19 @@ def launch(argv: list[str], n: int, *, env: dict | None = None, cores: list[int]
            poll: float = 0.2) -> list[int]:
     """Run ``argv`` as ``n`` processes of one group on this machine (process i pinned to core i when
     there are enough cores) and wait for all of them. When one fails, the others are stopped and
-    :class:`WorkerDied` names it. Returns the exit codes (all 0)."""
+    :class:`WorkerDied` names it; Ctrl-C or SIGTERM stop them all (KeyboardInterrupt). Returns the
+    exit codes (all 0)."""
     import subprocess
     import time
 
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    if threading.current_thread() is threading.main_thread():  # SIGTERM too ends here, stopping the group
+        signal.signal(signal.SIGTERM, stop)
     cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
     base = {**os.environ, **(env or {}), ENV_COORDINATOR: f"127.0.0.1:{free_port()}", ENV_NUM_PROCESSES: str(n)}
     procs = []
@@ -196,7 +205,9 @@ def launch(argv: list[str], n: int, *, env: dict | None = None, cores: list[int]
         proc_env = {**base, ENV_PROCESS_ID: str(i)}
         if len(cores) >= n:
             proc_env[ENV_CORE] = str(cores[i])
-        procs.append(subprocess.Popen(argv, env=proc_env))
+        # Their own session: a Ctrl-C in the terminal reaches the launcher only, which stops them all at
+        # once (processes stopped one by one at different steps would wait for each other forever).
+        procs.append(subprocess.Popen(argv, env=proc_env, start_new_session=True))
     try:
         while True:
             codes = [p.poll() for p in procs]

@@ -172,3 +172,18 @@ def test_cli_two_processes_run_the_job_and_a_dead_worker_fails_the_run(tracking_
     assert client.get_run(failed).info.status == "FAILED"
     assert client.search_model_versions("name='dead'") == []
     assert len(group) == 2 and not [pid for pid in group if Path(f"/proc/{pid}").exists()]  # none left behind
+
+
+def test_processes_setting_is_checked_before_anything_starts(tracking_uri, tmp_path):
+    from mlflow_tunix.errors import ConfigError
+    from mlflow_tunix.train import TrainConfig
+
+    for bad in ("two", "0", "-1"):
+        with pytest.raises(ConfigError, match=r"^train.processes: must be auto or a whole number from 1 to 1024"):
+            TrainConfig(processes=bad)
+    assert distributed.processes_for("auto", "cpu") == len(os.sched_getaffinity(0))
+    assert (distributed.processes_for("auto", "gpu"), distributed.processes_for("3")) == (1, 3)
+    proc = run_cli(["run", "--config", TINY, "--set", "train.processes=3"], tracking_uri, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: train.batch_size: 32 does not split over 3 data-parallel "
+                                                    "processes (train.processes=3); use a multiple of 3")

@@ -10,7 +10,8 @@ in turn (the order alternating between rounds, so a busy neighbour slows both al
   N devices   : one process with N forced host devices (XLA_FLAGS), the batch sharded over them.
 Both use the real jitted step, the real (seed, step) batches, batch 64, no tracking, no checkpoints.
 Throughput is the median over log windows of 10 steps after the first (compilation excluded), in
-positions (B x L) per second. Prints the medians of the rounds and the ratios to 1 process; ``--json`` writes them.
+positions (B x L) per second; with it, the CPU time per step summed over the processes (the work a
+layout costs, less disturbed by a busy machine than the wall clock). Prints the medians of the rounds and the ratios to 1 process; ``--json`` writes them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,8 @@ def child(folder: Path, steps: int, batch_size: int, out: Path) -> None:
     from mlflow_tunix import distributed
 
     distributed.initialize_from_env()
+    import jax
+
     from mlflow_tunix.model import ModelConfig, build_model
     from mlflow_tunix.tracking import NullTracker
     from mlflow_tunix.train import TokenizedData, TrainConfig, train
@@ -41,12 +45,25 @@ def child(folder: Path, steps: int, batch_size: int, out: Path) -> None:
     arrays = np.load(folder / "tokens.npz")
     data = TokenizedData(arrays["tokens"], arrays["loss_mask"])
     model_cfg = ModelConfig(**json.loads((folder / "model.json").read_text()))
-    tracker = NullTracker()
+    class CpuClock(NullTracker):  # this process's CPU seconds at the end of each log window
+        cpu: list = []
+
+        def log_scalar(self, name, value, step):
+            super().log_scalar(name, value, step)
+            if name == "tokens_per_sec":
+                self.cpu.append(time.process_time())
+
+    tracker = CpuClock()
     config = TrainConfig(steps=steps, batch_size=batch_size, log_every=10, eval_every=0, checkpoint_every=0)
     result = train(build_model(model_cfg, seed=0), data, config, tracker=tracker, progress=False)
     windows = [v for _, v in tracker.history["tokens_per_sec"][1:]]  # the first holds the compilation
+    # CPU seconds per step after the first window, summed over the processes: what the layout costs
+    # in work, a figure a busy machine disturbs less than the wall clock.
+    cpu = (tracker.cpu[-1] - tracker.cpu[0]) / (10 * (len(tracker.cpu) - 1))
+    cpu = sum(distributed.gather(cpu)) if jax.process_count() > 1 else cpu
     if distributed.is_main():
-        out.write_text(json.dumps({"tokens_per_sec": statistics.median(windows), "final_loss": result.final_loss}))
+        out.write_text(json.dumps({"tokens_per_sec": statistics.median(windows), "final_loss": result.final_loss,
+                                   "cpu_ms_per_step": 1000 * cpu}))
 
 
 def run_side(folder: Path, side: str, n: int, steps: int, batch_size: int) -> dict:
@@ -97,12 +114,15 @@ def main() -> None:
             figures = run_side(folder, side, n, args.steps, args.batch_size)
             sides[side].append(figures)
             print(f"round {r}: {names[side]}: {figures['tokens_per_sec']:,.0f} tokens/s, "
-                  f"final loss {figures['final_loss']:.6f}", flush=True)
+                  f"{figures['cpu_ms_per_step']:.0f} CPU ms/step, final loss {figures['final_loss']:.6f}", flush=True)
     med = {side: statistics.median(f["tokens_per_sec"] for f in runs) for side, runs in sides.items()}
+    cpu = {side: statistics.median(f["cpu_ms_per_step"] for f in runs) for side, runs in sides.items()}
     print("median tokens/s: " + " | ".join(f"{names[s]} {med[s]:,.0f} ({med[s] / med['one']:.2f}x)" for s in names)
           + f"  (load now {os.getloadavg()[0]:.1f})")
+    print("median CPU ms per step (all processes): "
+          + " | ".join(f"{names[s]} {cpu[s]:.0f} ({cpu[s] / cpu['one']:.2f}x)" for s in names))
     if args.json:
-        Path(args.json).write_text(json.dumps({"median_tokens_per_sec": med, "names": names, "rounds": sides},
+        Path(args.json).write_text(json.dumps({"median_tokens_per_sec": med, "median_cpu_ms_per_step": cpu, "names": names, "rounds": sides},
                                               indent=1))
 
 

@@ -75,6 +75,8 @@ def run_side(folder: Path, side: str, n: int, steps: int, batch_size: int) -> di
     env = {"PYTHONPATH": str(REPO), "MLFLOW_TUNIX_JAX_CACHE": "0"}
     if side == "devices":  # one process, n host devices, the batch sharded over them (the same train path)
         env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    if side == "processes" and os.environ.get("BENCH_WORKER_XLA_FLAGS"):  # e.g. one XLA thread per pinned process
+        env["XLA_FLAGS"] = os.environ["BENCH_WORKER_XLA_FLAGS"]
     if side != "processes":
         subprocess.run(argv, env={**os.environ, **env}, check=True)
     else:

@@ -107,12 +107,6 @@ def test_two_processes_resume_bit_identical(worker, one_and_two, tmp_path):
     assert resumed["loss"] == whole["loss"][3:]
 
 
-def test_a_dead_worker_stops_the_group_naming_it(worker, tmp_path):
-    with pytest.raises(distributed.WorkerDied, match=r"data-parallel process 1 of 2 exited with code 3"):
-        _run(worker, tmp_path / "dead.json", 2, steps=50, die_at=2)
-    assert not (tmp_path / "dead.json").exists()
-
-
 # --------------------------------------------------------------------------- the whole job, from the CLI
 def _children(pid: int) -> list[int]:
     return [int(c) for tid in os.listdir(f"/proc/{pid}/task")

@@ -24,7 +24,7 @@ from mlflow_tunix import distributed
 REPO = Path(__file__).resolve().parent.parent
 
 # The worker: the same program in every process. Process 0 writes the loss history and a digest of
-# the final weights; ``die_at`` makes process 1 exit in the middle of training.
+# the final weights.
 WORKER = textwrap.dedent("""
     import json, os, sys
     from mlflow_tunix import distributed
@@ -34,20 +34,14 @@ WORKER = textwrap.dedent("""
     from mlflow_tunix.tracking import NullTracker
     from mlflow_tunix.train import TokenizedData, TrainConfig, train
 
-    out, steps, ckpt, resume, die_at = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", int(sys.argv[5])
+    out, steps, ckpt, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     # Rows counting up from a random start: learnable in a few steps, so the losses move.
     tokens = ((np.random.default_rng(0).integers(0, 61, size=(64, 1)) + np.arange(24)) % 61 + 3).astype(np.int32)
     mask = np.zeros(tokens.shape, np.float32)
     mask[:, 8:] = 1.0
     data = TokenizedData(tokens, mask)
 
-    class Tracker(NullTracker):
-        def log_scalar(self, name, value, step):
-            super().log_scalar(name, value, step)
-            if die_at and name == "loss" and step == die_at and os.environ.get("MLFLOW_TUNIX_PROCESS_ID") == "1":
-                os._exit(3)
-
-    tracker = Tracker()
+    tracker = NullTracker()
     config = TrainConfig(steps=steps, batch_size=8, log_every=1, eval_every=0, warmup_steps=2, learning_rate=1e-2,
                          checkpoint_every=3 if ckpt else 0)
     model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32), seed=0)
@@ -67,9 +61,8 @@ def worker(tmp_path_factory) -> Path:
     return path
 
 
-def _run(worker: Path, out: Path, n: int, *, steps: int = 6, ckpt: Path | None = None, resume: bool = False,
-         die_at: int = 0) -> dict:
-    argv = [sys.executable, str(worker), str(out), str(steps), str(ckpt or ""), "1" if resume else "0", str(die_at)]
+def _run(worker: Path, out: Path, n: int, *, steps: int = 6, ckpt: Path | None = None, resume: bool = False) -> dict:
+    argv = [sys.executable, str(worker), str(out), str(steps), str(ckpt or ""), "1" if resume else "0"]
     env = {"PYTHONPATH": str(REPO), "MLFLOW_TUNIX_JAX_CACHE": "0"}
     if n == 1:
         subprocess.run(argv, env={**os.environ, **env}, check=True)

@@ -158,7 +158,14 @@ def _check_resume_alone(resume, **options):
 
 
 def _train_command(fn_name, resume, no_progress, options):
-    """Run the pipeline; Ctrl-C/SIGTERM (checkpointed by the trainer) exit 128+signal, no traceback."""
+    """Run the pipeline; Ctrl-C/SIGTERM (checkpointed by the trainer) exit 128+signal, no traceback.
+    With train.processes > 1, start that many copies of this command as one data-parallel group."""
+    from mlflow_tunix import distributed
+
+    if not distributed.initialize_from_env():  # (a member of a group joins it before any JAX computation)
+        n = _processes(resume, options)
+        if n > 1:
+            return _launch_group(n)
     from mlflow_tunix import pipeline
 
     try:
@@ -174,6 +181,69 @@ def _train_command(fn_name, resume, no_progress, options):
         sys.exit(128 + getattr(exc, "signum", 2))
 
 
+def _processes(resume, options) -> int:
+    from mlflow_tunix import distributed
+
+    if _opt(resume):
+        from mlflow_tunix import resume as resume_mod
+
+        _check_resume_alone(resume, **options)
+        cfg = resume_mod.find(resume).cfg
+    else:
+        cfg = _load(**options)
+    n = distributed.processes_for(cfg.train.processes)
+    if n > 1 and cfg.train.batch_size % n:  # (said here once, not by each process)
+        raise TunixError(f"train.batch_size: {cfg.train.batch_size} does not split over {n} data-parallel "
+                         f"processes (train.processes={cfg.train.processes}); use a multiple of {n}")
+    return n
+
+
+def _launch_group(n: int) -> None:
+    """This command again as ``n`` processes (distributed.launch): process 0 does the job and owns
+    the MLflow run, the others train beside it. If one dies, the others are stopped and the run is
+    FAILED, with one line naming the process."""
+    import os
+    import tempfile
+
+    from mlflow_tunix import distributed
+
+    click.echo(f"[mlflow-tunix] data parallel: {n} processes", err=True)
+    with tempfile.TemporaryDirectory() as folder:
+        run_id_file = os.path.join(folder, "run_id")
+        argv = [sys.executable, "-m", "mlflow_tunix.cli", *sys.argv[1:]]
+
+        def current_run():  # the run process 0 started (distributed.announce_run), if it got that far
+            return open(run_id_file).read().strip() if os.path.exists(run_id_file) else None
+
+        try:
+            distributed.launch(argv, n, env={distributed.ENV_RUN_ID_FILE: run_id_file})
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the group is stopped; the newest checkpoint stays
+            signum = exc.args[0] if exc.args else 2
+            run_id = current_run()
+            _end_run(run_id, "KILLED")
+            where = f". Continue from its newest checkpoint with: {_resume_command(run_id)}" if run_id else ""
+            click.echo(f"[mlflow-tunix] stopped the {n} data-parallel processes{where}", err=True)
+            sys.exit(128 + signum)
+        except distributed.WorkerDied as exc:
+            run_id = current_run()
+            if exc.process == 0 and exc.code > 0:
+                sys.exit(exc.code)  # process 0 said why itself, and ended its run
+            _end_run(run_id, "FAILED")
+            raise TunixError(f"{exc}; the group was stopped" + (f" and run {run_id} is FAILED; continue with: "
+                                                                 f"{_resume_command(run_id)}" if run_id else "")) from None
+
+
+def _end_run(run_id: str | None, status: str) -> None:
+    """End the run process 0 could not end itself (it was stopped with the group)."""
+    if not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+
+
 @main.command()
 @_project_options
 @_resume_option
@@ -184,7 +254,8 @@ def run(config, train_data, eval_data, init_from, steps, seed, overrides, regist
     Logs params, the loss curve, both datasets, eval metrics, every generated answer (as a table)
     and the model (mlflow_tunix flavor) to one MLflow run, then registers the model in Staging.
     Training is checkpointed (train.checkpoint_every); `--resume RUN_ID` continues a run that
-    stopped, to the same weights an uninterrupted run would have.
+    stopped, to the same weights an uninterrupted run would have. `--set train.processes=auto`
+    trains data parallel, one process per CPU core (docs/scaling.md).
     """
     _train_command("run_main", resume, no_progress, dict(
         config=config, train_data=train_data, eval_data=eval_data, init_from=init_from, steps=steps, seed=seed,

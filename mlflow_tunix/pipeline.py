@@ -28,11 +28,12 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from mlflow_tunix import data as data_mod
+from mlflow_tunix import distributed
 from mlflow_tunix import flavor, generators, hf, registry, runs
 from mlflow_tunix import resume as resume_mod  # (run_main's keyword argument is called resume)
 from mlflow_tunix.config import DataSource, ProjectConfig, from_dict, to_dict
 from mlflow_tunix.errors import DataError, ResumableError, TunixError
-from mlflow_tunix.evaluate import evaluate
+from mlflow_tunix.evaluate import evaluate, score
 from mlflow_tunix.model import build_model, check_memory, param_count, params_sha256
 from mlflow_tunix.tokenizer import train_tokenizer
 from mlflow_tunix.tracking import MlflowTracker, is_connection_error, one_line, resend_metrics, server_reachable
@@ -179,6 +180,8 @@ def run_main(cfg: ProjectConfig | None, *, evaluate_model: bool = True, register
     no failure registers anything.
     """
     setup_jax()
+    if jax.process_count() > 1 and not distributed.is_main():
+        return _run_worker(cfg, resume)
     uri = mlflow.get_tracking_uri()
     if not server_reachable(uri):
         raise TunixError(f"the tracking server {uri} does not answer; start it or point MLFLOW_TRACKING_URI elsewhere")
@@ -191,7 +194,8 @@ def run_main(cfg: ProjectConfig | None, *, evaluate_model: bool = True, register
             log(f"resuming run {resume} (project {cfg.name}) from {target.run_dir}")
         prep = _prepare_in_run_if_any(cfg, target)
         run = stack.enter_context(runs.mlflow_run(_run_name(cfg), run_id=resume, tags=tags))
-        job = _Job(cfg, prep, run.info.run_id, run.info.experiment_id, target, wrap_tracker)
+        job = _Job(cfg, prep, run.info.run_id, run.info.experiment_id, target, wrap_tracker, evaluate_model)
+        distributed.announce_run(job.run_id)
         if target is None:
             stack.enter_context(resume_mod.run_dir_lock(job.run_dir, job.run_id))
         job.start()
@@ -241,6 +245,7 @@ class _Job:
     experiment_id: str
     target: resume_mod.Resume | None
     wrap_tracker: Any = None  # (tracker, run_id) -> a Tracker that passes everything on
+    evaluate_model: bool = True  # (data-parallel workers evaluate their share of the prompts too)
 
     def __post_init__(self):
         self.resumed = self.target is not None
@@ -284,6 +289,8 @@ class _Job:
                                                    "model.param_count": param_count(model), "train.seq_len": seq_len})
         log(f"model: {param_count(model):,} params, vocab {prep.model_cfg.vocab_size}, seq_len {seq_len}")
         tracker = MlflowTracker(self.run_id, skip_logged=self.resumed, spill_path=self.spill)
+        if jax.process_count() > 1:  # the data-parallel workers train beside this process (_run_worker)
+            distributed.share({"run_dir": str(self.run_dir), "resumed": self.resumed, "evaluate": self.evaluate_model})
         try:
             wrapped = self.wrap_tracker(tracker, self.run_id) if self.wrap_tracker else tracker
             result = train(model, prep.train_tok, self.cfg.train, eval_data=prep.eval_tok, tracker=wrapped,
@@ -367,6 +374,24 @@ class _Job:
         return reg.version
 
 
+def _run_worker(cfg: ProjectConfig | None, resume: str | None) -> None:
+    """A data-parallel worker (process 1..N-1 of train.processes): the same data, model and training
+    as process 0, in step with it; it logs nothing. Process 0 tells it the run's folder (the
+    tokenizer and the checkpoints; on several hosts a shared file system)."""
+    if resume:
+        cfg = resume_mod.find(resume).cfg
+    job = distributed.share(None)
+    run_dir = Path(job["run_dir"])
+    prep = prepare(cfg, tokenizer=resume_mod.load_tokenizer(run_dir / resume_mod.TOKENIZER_DIR))
+    model = prep.init_model if prep.init_model is not None else build_model(prep.model_cfg, seed=cfg.train.seed)
+    result = train(model, prep.train_tok, cfg.train, eval_data=prep.eval_tok, progress=False,
+                   checkpoint_dir=run_dir / resume_mod.CHECKPOINTS_DIR, resume=job["resumed"])
+    if job["evaluate"]:  # its share of every prompt set, in _Job.evaluate's order
+        for examples in [prep.ds.eval] + [examples for examples, _ in prep.ds.extra.values()]:
+            _evaluate_sharded(result.model, prep.tokenizer, examples, cfg.generation, progress=False)
+    return None
+
+
 def run_train(cfg: ProjectConfig | None, *, progress: bool = True, resume: str | None = None) -> MainResult:
     """Data -> tokenizer -> model -> train -> log the model (no generation eval, no registration)."""
     return run_main(cfg, evaluate_model=False, register=False, progress=progress, resume=resume)
@@ -399,11 +424,22 @@ def _evaluate_and_log(model, tokenizer, examples, generation, table_file: str, p
                       label: str = "") -> dict:
     """Generate and score ``examples``, log every item as the table ``table_file``; return the metrics
     (the caller logs them: with the model's id, the dataset, a prefix)."""
-    ev = evaluate(model, tokenizer, examples, generation, progress=progress)
+    ev = _evaluate_sharded(model, tokenizer, examples, generation, progress)
     runs.log_eval_table(ev.rows, table_file)
     log(f"eval{' ' + label if label else ''}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in ev.metrics.items() if k != "n_eval"))
     return ev.metrics
+
+
+def _evaluate_sharded(model, tokenizer, examples, generation, progress: bool):
+    """``evaluate``; in a data-parallel group each process generates its share of the prompts and
+    every process scores all of them (the workers call this in the same order as process 0)."""
+    if jax.process_count() == 1:
+        return evaluate(model, tokenizer, examples, generation, progress=progress)
+    mine = evaluate(model, tokenizer, distributed.my_part(examples), generation, progress=progress)
+    parts = distributed.gather([[r["generated"], r["new_tokens"]] for r in mine.rows])
+    generated = [row for part in parts for row in part]
+    return score(examples, [g for g, _ in generated], [t for _, t in generated])
 
 
 def _project_from_model(model_uri: str) -> ProjectConfig:

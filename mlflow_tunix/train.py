@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mlflow_tunix import lora
+from mlflow_tunix import distributed, lora
 from mlflow_tunix.checkpoint import Checkpoints, StopOnSignal, TrainingInterrupted, arrays_digest, state_signature
 from mlflow_tunix.errors import ConfigError, TrainingError, short
 from mlflow_tunix.lora import LoraConfig
@@ -62,6 +62,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest K checkpoints are kept, older ones deleted
     checkpoint_dir: str = ""  # runs keep their checkpoints in <checkpoint_dir>/<run id>/ ("": see resume.checkpoint_root)
     lora: LoraConfig | None = None  # {rank, alpha, targets}: train low-rank adapters only (lora.py)
+    # Data-parallel processes (distributed.py): "auto" = one per core on CPU (1 on GPU/TPU, which use
+    # their local devices), or a number. The CLI launches them; the batch is split over them.
+    processes: str = "1"
 
     def __post_init__(self):
         # Checked here, so a TrainConfig built in code is checked too: each of these, out of range,
@@ -71,6 +74,8 @@ class TrainConfig:
                                       ("eval_every", 0, "must be >= 0 (0 = never)")):
             if getattr(self, name) < lowest:
                 raise ConfigError(f"train.{name}: {message}, got {getattr(self, name)}")
+        if self.processes != "auto" and not (str(self.processes).isdigit() and 1 <= int(self.processes) <= 1024):
+            raise ConfigError(f"train.processes: must be auto or a whole number from 1 to 1024, got {self.processes!r}")
         if not isinstance(self.group_by_length, bool):
             raise ConfigError(f"train.group_by_length: must be true or false, got {self.group_by_length!r}")
         for name, highest in (("steps", MAX_STEPS), ("batch_size", MAX_BATCH_SIZE)):
@@ -233,7 +238,8 @@ def init_state(model, tx) -> tuple[Any, TrainState]:
 # The TrainConfig fields that do not change the weights: how often to log, evaluate and
 # checkpoint, and where. Every other field must match for a checkpoint to be resumed, so a new
 # hyperparameter is covered without anyone having to remember it.
-NOT_IN_WEIGHTS = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "checkpoint_dir")
+NOT_IN_WEIGHTS = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "checkpoint_dir",
+                  "processes")
 
 
 def resume_key(config: TrainConfig, model_config, state, data: TokenizedData) -> dict:
@@ -287,13 +293,23 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
         base, scale = state.params, config.lora.scale
         adapters = lora.init_adapters(base, config.lora, config.seed)
         state = TrainState(state.step, adapters, tx.init(adapters))
-    jitted_step = jax.jit(functools.partial(train_step, graphdef, tx, lora_scale=scale), donate_argnums=0)
+    # Several devices (of this process or, joined by jax.distributed, of several): data parallel,
+    # the state replicated, each batch split on its rows; one device: the arrays stay as they are.
+    dp = distributed.DataParallel()
+    dp = dp if dp.active else None
+    shard = dp.shard_rows if dp else (lambda batch: batch)
+    jit_opts = {"out_shardings": dp.replicated} if dp else {}
+    if dp:
+        dp.check_batch(config.batch_size)
+        state, base = dp.replicate(state), (dp.replicate(base) if base is not None else None)
+    jitted_step = jax.jit(functools.partial(train_step, graphdef, tx, lora_scale=scale), donate_argnums=0, **jit_opts)
     step_fn = functools.partial(jitted_step, base=base)
     jitted_eval = jax.jit(lambda params, tokens, mask, base: completion_loss(
-        graphdef, params if base is None else lora.merged(base, params, scale), tokens, mask))
+        graphdef, params if base is None else lora.merged(base, params, scale), tokens, mask), **jit_opts)
     lengths = _lengths(data) if config.group_by_length else None
     sampler = BatchSampler(len(data.tokens), config.batch_size, config.seed, lengths)
-    loop = _Loop(config, tracker or NullTracker(), schedule, functools.partial(jitted_eval, base=base), eval_data, state)
+    loop = _Loop(config, tracker or NullTracker(), schedule, functools.partial(jitted_eval, base=base), eval_data, state,
+                 dp)
     if checkpoint_dir is not None and config.checkpoint_every:
         loop.open_checkpoints(checkpoint_dir, resume_key(config, model.config, state, data), resume)
 
@@ -307,7 +323,7 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
                 if lengths is not None:  # (a row's padding carries no loss and is never attended to)
                     width = min(width, -(-int(lengths[idx].max()) // LENGTH_STEP) * LENGTH_STEP)
                 batch = {"tokens": data.tokens[idx, :width], "loss_mask": data.loss_mask[idx, :width]}
-                loop.state, metrics = step_fn(loop.state, batch)
+                loop.state, metrics = step_fn(loop.state, shard(batch))
                 signum = stop.signum  # read once: a signal may land at any moment
                 loop.after_step(step, metrics, batch["tokens"].size, interrupted=signum is not None)
                 bar.update(1)
@@ -319,6 +335,8 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
         loop.close()
     seconds = time.perf_counter() - start
     params = loop.state.params if base is None else lora.merged(base, loop.state.params, scale)  # saved merged
+    if dp:  # every process holds all of the replicated weights: back to plain arrays of this process
+        params = jax.tree.map(jnp.asarray, dp.gather(params))
     return TrainResult(nnx.merge(graphdef, params), loop.final_loss, loop.eval_loss, config.steps,
                        loop.total_tokens / max(seconds, 1e-9), seconds, loop.first_step,
                        _size(loop.state.params), _size(loop.state.opt_state),
@@ -339,9 +357,10 @@ class _Loop:
     """What the loop carries from step to step: the state, the metrics not yet pulled to the host,
     the throughput window, the last figures, and the checkpoints."""
 
-    def __init__(self, config: TrainConfig, tracker: Tracker, schedule, eval_fn, eval_data, state: TrainState):
+    def __init__(self, config: TrainConfig, tracker: Tracker, schedule, eval_fn, eval_data, state: TrainState,
+                 dp: distributed.DataParallel | None = None):
         self.config, self.tracker, self.schedule, self.eval_fn, self.eval_data = config, tracker, schedule, eval_fn, eval_data
-        self.state = state
+        self.state, self.dp = state, dp
         self.checkpoints: Checkpoints | None = None
         self.key: dict = {}
         self.first_step, self.final_loss, self.eval_loss = 0, float("nan"), None
@@ -385,7 +404,8 @@ class _Loop:
 
     def log_window(self, step: int) -> None:
         """Pull the window's figures to the host (the one sync per window), check them, log them."""
-        fetched = jax.device_get([m for _, m in self.pending])
+        fetched = [m for _, m in self.pending]
+        fetched = self.dp.gather(fetched) if self.dp else jax.device_get(fetched)
         self.tokens_per_sec = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
         for (s, _), m in zip(self.pending, fetched):
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
@@ -405,14 +425,21 @@ class _Loop:
         if data is None or len(data.tokens) == 0:
             return None
         b = min(self.config.batch_size, len(data.tokens))
-        losses = [self.eval_fn(self.state.params, data.tokens[i : i + b], data.loss_mask[i : i + b])
+        if self.dp:  # each device takes an equal share of every held-out batch
+            b -= b % self.dp.n_devices
+            if b == 0:
+                return None
+        shard = self.dp.shard_rows if self.dp else (lambda batch: batch)
+        losses = [self.eval_fn(self.state.params, **shard({"tokens": data.tokens[i : i + b],
+                                                           "mask": data.loss_mask[i : i + b]}))
                   for i in range(0, min(len(data.tokens), b * self.config.eval_batches) - b + 1, b)]
-        return float(np.mean(jax.device_get(losses)))
+        return float(np.mean(self.dp.gather(losses) if self.dp else jax.device_get(losses)))
 
     def checkpoint(self, step: int) -> None:
         # Only a finite state is ever saved: the window up to this step was checked by log_window,
         # the parameters it produced are checked here.
-        if not bool(_all_finite(self.state.params)):
+        finite = _all_finite(self.state.params)
+        if not bool(self.dp.gather(finite) if self.dp else finite):
             raise self.stopped(step, "a parameter", "inf or NaN after the update")
         # The metrics of every step before the checkpoint are stored first (sent, or kept locally):
         # a resumed run recomputes only the steps after it, so nothing before it may be missing.

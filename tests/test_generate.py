@@ -205,3 +205,22 @@ def test_generate_text_refuses_a_tokenizer_without_pad(tokenizer, model):
     bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>")
     with pytest.raises(InputError, match="pad_token"):
         generate_text(model, bare, ["hi"], GenerationConfig())
+
+
+def test_outputs_equal_the_saved_fixture():
+    # tests/fixtures/decode/decode.json holds the decoder's outputs from before its KV cache changed
+    # layout (written by make_fixture.py at that commit): greedy and sampled, 21 left-padded prompts
+    # of 1-40 tokens, batches of 32 and 4, stop tokens, MHA llama and GQA qwen3. Every token must match.
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "fixtures" / "decode"
+    spec = importlib.util.spec_from_file_location("make_fixture", folder / "make_fixture.py")
+    make_fixture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_fixture)
+    expected = json.loads((folder / "decode.json").read_text())
+    got = make_fixture.run_all()
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key] == expected[key], key

@@ -109,17 +109,19 @@ def generate_ids(
         prompt_mask[len(chunk) :, -1] = True
         row_ids = np.arange(start, start + rows, dtype=np.int32)
 
+        # NumPy arguments, not jnp ones: each jnp.asarray/jnp.int32 here was an eager op that a new
+        # process compiled again (too small for the persistent cache), ~0.3 s of every first call.
         out = _generate_batch(
             graphdef,
             state,
-            jnp.asarray(tokens),
-            jnp.asarray(prompt_mask),
-            jnp.asarray(live),
-            jnp.asarray(row_ids),
-            jnp.asarray(stop, jnp.int32),
-            jnp.int32(pad_id),
-            jnp.float32(max(temperature, 1e-6)),
-            jnp.uint32(seed % 2**32),  # any Python int is a valid seed
+            tokens,
+            prompt_mask,
+            live,
+            row_ids,
+            np.asarray(stop, np.int32),
+            np.int32(pad_id),
+            np.float32(max(temperature, 1e-6)),
+            np.uint32(seed % 2**32),  # any Python int is a valid seed
             max_new_tokens=max_new_tokens,
             greedy=temperature == 0,
             top_k=top_k,

@@ -10,14 +10,17 @@ then again) so that load from other processes falls on every size alike; each ro
 calls to decode at least 256 rows. Prints min/median/max tokens/s (new tokens only, prefill
 included in the time) and the median's ratio to batch 1.
 
-Compile: runs two fresh processes on one empty persistent cache directory (the way pipeline.setup_jax
-enables it); each times its first generate_ids call (trace + compile or cache load + run) and the
-second (run only). The first process is "cold", the second "warm".
+Compile: runs three fresh processes on one empty persistent cache directory (the way
+pipeline.setup_jax enables it); each times its first generate_ids call (trace + compile or cache
+load + run) and the second (run only): "cold" (empty cache), "warm-xla-only" (XLA's compiled code
+cached, the decode traced and lowered again: how generate worked before it saved its traced
+decode) and "warm" (the saved decode too). Compile = first - second call.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -60,7 +63,7 @@ def naive_generate(state, forward, prompts, max_new_tokens):
 
 
 def scaling(args) -> dict:
-    model = build_model(CONFIG, seed=0)
+    model = build_model(dataclasses.replace(CONFIG, n_layers=args.layers), seed=0)
     prompts = make_prompts(max(args.batches))
     print(f"model: {param_count(model):,} params; {args.new_tokens} new tokens, prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; jax {jax.__version__} on "
@@ -118,6 +121,10 @@ def first_calls(args) -> dict:
     from mlflow_tunix.pipeline import setup_jax
 
     setup_jax()  # reads MLFLOW_TUNIX_JAX_CACHE, set by the parent
+    if args.no_export:  # XLA's persistent cache only: how a warm process started before the saved decode
+        import mlflow_tunix.generate
+
+        mlflow_tunix.generate._export_dir = lambda: None
     model = build_model(CONFIG, seed=0)
     prompts = make_prompts(args.child_batch)
     times = []
@@ -130,14 +137,17 @@ def first_calls(args) -> dict:
 
 
 def compile_times(args) -> dict:
-    rows = {"cold": [], "warm": []}
+    # cold: empty cache; warm-xla-only: XLA's compiled code from the cache, decode traced again;
+    # warm: the saved decode too (what generate does with the cache on).
+    kinds = {"cold": [], "warm-xla-only": ["--no-export"], "warm": []}
+    rows = {kind: [] for kind in kinds}
     for _ in range(args.compile_rounds):
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, MLFLOW_TUNIX_JAX_CACHE=cache)
-            for kind in ("cold", "warm"):
+            for kind, extra in kinds.items():
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", "--child-batch", str(args.child_batch),
-                     "--new-tokens", str(args.new_tokens)],
+                     "--new-tokens", str(args.new_tokens), *extra],
                     env=env, capture_output=True, text=True, check=True,
                 ).stdout
                 rows[kind].append(json.loads(out.strip().splitlines()[-1]))
@@ -148,7 +158,9 @@ def compile_times(args) -> dict:
         result[kind] = {"first_call": first, "second_call": second, "compile": first - second}
         print(f"{kind}: first generate_ids call {first:.2f} s, second {second:.3f} s -> compile ~{first - second:.2f} s"
               f"  (medians of {len(runs)}; firsts: " + " ".join(f"{r['first']:.2f}" for r in runs) + ")")
-    print(f"warm / cold compile: {result['warm']['compile'] / result['cold']['compile']:.2f}")
+    for kind in ("warm-xla-only", "warm"):
+        print(f"{kind} / cold compile: {result[kind]['compile'] / result['cold']['compile']:.2f}")
+    print(f"warm / warm-xla-only compile: {result['warm']['compile'] / result['warm-xla-only']['compile']:.2f}")
     return result
 
 
@@ -156,6 +168,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=CONFIG.n_layers,
+                        help="n_layers of the scaling model (2 = the shipped projects' model)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are over these)")
     parser.add_argument("--naive", action="store_true", help="also compare with naive re-encoding at batch 32")
     parser.add_argument("--compile", action="store_true", help="measure cold vs warm compile instead of scaling")
@@ -163,6 +177,7 @@ def main():
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, default=32, help="batch of the --compile processes")
+    parser.add_argument("--no-export", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(first_calls(args)))

@@ -184,7 +184,7 @@ def _decode(graphdef, state, *args, max_new_tokens, greedy, top_k):
     The persistent cache keeps XLA's compiled code, but a new process still traces and lowers the
     whole decode (prefill and loop step: the model twice) before it can look the code up: most of a
     warm first call. So the traced program is saved with jax.export, keyed on everything it is
-    built from (the model's graph and config, argument shapes, the static options, the source of
+    built from (the model's graph with its config, argument shapes, the static options, the source of
     this module and model.py, the JAX/Flax versions and backend); a later process deserializes it,
     and compiling the call finds XLA's code in the persistent cache. Off when that cache is off.
     """
@@ -198,14 +198,14 @@ def _decode(graphdef, state, *args, max_new_tokens, greedy, top_k):
         path = Path(cache_dir) / f"mlflow-tunix-decode-{key}.jaxexport"
         try:
             exported = jax.export.deserialize(bytearray(path.read_bytes()))
-        except ImportError:  # no flatbuffers: jax.export cannot (de)serialize
-            return _generate_batch(graphdef, state, *args, **statics)
-        except Exception:  # missing, unreadable or from an incompatible writer: trace it again
+        except Exception:  # missing, unreadable, from an incompatible writer, no flatbuffers: trace it
             # On the state's leaves: the export format cannot name NNX's pytree types.
             treedef = jax.tree.structure(state)
             flat = lambda leaves, *a: _generate_batch(graphdef, jax.tree.unflatten(treedef, leaves), *a, **statics)
             exported = jax.export.export(jax.jit(flat))(jax.tree.leaves(state), *args)
-            with contextlib.suppress(OSError):  # a read-only cache only costs the tracing
+            # A read-only cache or no flatbuffers only means tracing again next time.
+            with contextlib.suppress(OSError, ImportError):
+                path.parent.mkdir(parents=True, exist_ok=True)  # JAX makes it at its first write, later
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_bytes(exported.serialize())
                 os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing

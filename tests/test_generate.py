@@ -241,10 +241,10 @@ def test_a_decode_saved_for_the_next_process_gives_the_same_tokens(tmp_path, mon
     config = fixture.CONFIGS["qwen3-gqa"]
     model, prompts = fixture.unit_model(config, seed=0), fixture.prompts(1, config.vocab_size)
     kwargs = dict(fixture.REQUESTS)["greedy-stops"]
-    monkeypatch.setattr(generate, "_export_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(generate, "_export_dir", lambda: str(tmp_path / "jax"))  # made at the first save
     monkeypatch.setattr(generate, "_EXPORTED", {})
     first = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
-    saved = list(tmp_path.glob("mlflow-tunix-decode-*.jaxexport"))
+    saved = list((tmp_path / "jax").glob("mlflow-tunix-decode-*.jaxexport"))
     generate._EXPORTED.clear()
     second = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
     expected = json.loads((DECODE_FIXTURE / "decode.json").read_text())["qwen3-gqa/greedy-stops"]

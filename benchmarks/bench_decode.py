@@ -10,11 +10,11 @@ then again) so that load from other processes falls on every size alike; each ro
 calls to decode at least 256 rows. Prints min/median/max tokens/s (new tokens only, prefill
 included in the time) and the median's ratio to batch 1.
 
-Compile: runs three fresh processes on one empty persistent cache directory (the way
-pipeline.setup_jax enables it); each times its first generate_ids call (trace + compile or cache
-load + run) and the second (run only): "cold" (empty cache), "warm-xla-only" (XLA's compiled code
-cached, the decode traced and lowered again: how generate worked before it saved its traced
-decode) and "warm" (the saved decode too). Compile = first - second call.
+Compile: per round and mode, two fresh processes on one empty persistent cache directory (the way
+pipeline.setup_jax enables it), "cold" then "warm"; each times its first generate_ids call (trace +
+compile or cache load + run) and its second (run only); compile = first - second. Modes: "xla-only"
+(XLA's compiled code cached, the decode traced and lowered again: generate before it saved its
+traced decode) and "saved" (the traced decode saved too: generate now).
 """
 
 from __future__ import annotations
@@ -137,30 +137,32 @@ def first_calls(args) -> dict:
 
 
 def compile_times(args) -> dict:
-    # cold: empty cache; warm-xla-only: XLA's compiled code from the cache, decode traced again;
-    # warm: the saved decode too (what generate does with the cache on).
-    kinds = {"cold": [], "warm-xla-only": ["--no-export"], "warm": []}
-    rows = {kind: [] for kind in kinds}
+    # xla-only: XLA's compiled code cached, the decode traced and lowered again in every process;
+    # saved: the traced decode saved too (what generate does with the cache on). Each mode gets its
+    # own empty cache: a cold process fills it, a warm one reads it.
+    modes = {"xla-only": ["--no-export"], "saved": []}
+    rows = {f"{temp} {mode}": [] for mode in modes for temp in ("cold", "warm")}
     for _ in range(args.compile_rounds):
-        with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, MLFLOW_TUNIX_JAX_CACHE=cache)
-            for kind, extra in kinds.items():
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", "--child-batch", str(args.child_batch),
-                     "--new-tokens", str(args.new_tokens), *extra],
-                    env=env, capture_output=True, text=True, check=True,
-                ).stdout
-                rows[kind].append(json.loads(out.strip().splitlines()[-1]))
+        for mode, extra in modes.items():
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, MLFLOW_TUNIX_JAX_CACHE=cache)
+                for temp in ("cold", "warm"):
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child", "--child-batch", str(args.child_batch),
+                         "--new-tokens", str(args.new_tokens), *extra],
+                        env=env, capture_output=True, text=True, check=True,
+                    ).stdout
+                    rows[f"{temp} {mode}"].append(json.loads(out.strip().splitlines()[-1]))
     result = {}
     for kind, runs in rows.items():
         first = statistics.median(r["first"] for r in runs)
         second = statistics.median(r["second"] for r in runs)
         result[kind] = {"first_call": first, "second_call": second, "compile": first - second}
-        print(f"{kind}: first generate_ids call {first:.2f} s, second {second:.3f} s -> compile ~{first - second:.2f} s"
+        print(f"{kind:>14}: first generate_ids call {first:.2f} s, second {second:.3f} s -> compile ~{first - second:.2f} s"
               f"  (medians of {len(runs)}; firsts: " + " ".join(f"{r['first']:.2f}" for r in runs) + ")")
-    for kind in ("warm-xla-only", "warm"):
-        print(f"{kind} / cold compile: {result[kind]['compile'] / result['cold']['compile']:.2f}")
-    print(f"warm / warm-xla-only compile: {result['warm']['compile'] / result['warm-xla-only']['compile']:.2f}")
+    for mode in modes:
+        print(f"{mode}: warm / cold compile {result[f'warm {mode}']['compile'] / result[f'cold {mode}']['compile']:.2f}")
+    print(f"warm compile, saved / xla-only: {result['warm saved']['compile'] / result['warm xla-only']['compile']:.2f}")
     return result
 
 

@@ -1,16 +1,32 @@
-"""KV-cache decoding (generate_ids) vs naive re-encoding, on a ~1M-parameter model.
+"""Batched decoding: tokens/s at batch 1 / 8 / 64 / 256 side by side, and generate's compile time.
 
-    PYTHONPATH=. /work/venv/bin/python benchmarks/bench_decode.py
+    PYTHONPATH=. python benchmarks/bench_decode.py               # scaling with the batch
+    PYTHONPATH=. python benchmarks/bench_decode.py --compile     # cold vs warm persistent cache
+    PYTHONPATH=. python benchmarks/bench_decode.py --naive       # also the KV cache vs re-encoding
 
-Both sides decode greedily, with no stop tokens, the same left-padded batch of prompts. The naive
-side re-runs the full jitted forward on the growing sequence every step (one compiled function per
-length, all compiled in a warm-up run that is not timed). Prints the median of 5 runs each.
+Scaling: every batch size decodes greedily, with no stop tokens (so every row runs max_new_tokens),
+prompts of 16-48 tokens, on a ~1M-parameter model. Rounds are interleaved (batch 1, 8, 64, 256,
+then again) so that load from other processes falls on every size alike; each round times enough
+calls to decode at least 256 rows. Prints min/median/max tokens/s (new tokens only, prefill
+included in the time) and the median's ratio to batch 1.
+
+Compile: per round and mode, two fresh processes on one empty persistent cache directory (the way
+pipeline.setup_jax enables it), "cold" then "warm"; each times its first generate_ids call (trace +
+compile or cache load + run) and its second (run only); compile = first - second. Modes: "xla-only"
+(XLA's compiled code cached, the decode traced and lowered again: generate before it saved its
+traced decode) and "saved" (the traced decode saved too: generate now).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -22,9 +38,15 @@ from mlflow_tunix.generate import generate_ids
 from mlflow_tunix.model import ModelConfig, build_model, param_count
 
 PAD = 0
+CONFIG = ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, d_ff=384, max_seq_len=256)
 
 
-def naive_generate(graphdef, state, forward, prompts, max_new_tokens):
+def make_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.RandomState(seed)
+    return [rng.randint(1, CONFIG.vocab_size, rng.randint(16, 49)).tolist() for _ in range(n)]
+
+
+def naive_generate(state, forward, prompts, max_new_tokens):
     """Greedy decoding without a cache: the whole left-padded sequence goes through the model each step."""
     longest = max(len(p) for p in prompts)
     tokens = np.full((len(prompts), longest), PAD, np.int32)
@@ -40,52 +62,132 @@ def naive_generate(graphdef, state, forward, prompts, max_new_tokens):
     return np.asarray(tokens[:, longest:]).tolist()
 
 
+def scaling(args) -> dict:
+    model = build_model(dataclasses.replace(CONFIG, n_layers=args.layers), seed=0)
+    prompts = make_prompts(max(args.batches))
+    print(f"model: {param_count(model):,} params; {args.new_tokens} new tokens, prompts of "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; jax {jax.__version__} on "
+          f"{jax.devices()[0].platform}, {os.cpu_count()} cpus; load average {os.getloadavg()[0]:.2f}")
+
+    def run(batch: int, calls: int):
+        for c in range(calls):
+            chunk = prompts[(c * batch) % len(prompts) :][:batch]
+            generate_ids(model, chunk, max_new_tokens=args.new_tokens, pad_id=PAD, stop_ids=[], batch_size=batch)
+
+    calls = {b: max(1, 256 // b) for b in args.batches}
+    for b in args.batches:  # warm-up: compiles every prompt bucket each size meets
+        run(b, calls[b])
+    rates = {b: [] for b in args.batches}
+    for _ in range(args.rounds):
+        for b in args.batches:
+            start = time.perf_counter()
+            run(b, calls[b])
+            rates[b].append(b * calls[b] * args.new_tokens / (time.perf_counter() - start))
+    base = statistics.median(rates[args.batches[0]])
+    result = {}
+    for b in args.batches:
+        med = statistics.median(rates[b])
+        result[b] = {"min": min(rates[b]), "median": med, "max": max(rates[b]), "ratio": med / base}
+        print(f"batch {b:>4}: tokens/s median {med:>9,.0f}  (min {min(rates[b]):,.0f}, max {max(rates[b]):,.0f})"
+              f"  x{med / base:.2f} batch {args.batches[0]}")
+
+    if args.naive:
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def forward(state, tokens, mask):
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            logits = nnx.merge(graphdef, state)(tokens, positions, kv_mask=mask)
+            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+        batch = prompts[:32]
+        kv = lambda: generate_ids(model, batch, max_new_tokens=args.new_tokens, pad_id=PAD, stop_ids=[], batch_size=32)
+        naive = lambda: naive_generate(state, forward, batch, args.new_tokens)
+        print(f"batch 32, KV cache and naive re-encoding decode the same tokens: {kv() == naive()}")
+        times = {"kv": [], "naive": []}
+        for _ in range(args.rounds):
+            for name, fn in (("kv", kv), ("naive", naive)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        speedup = statistics.median(times["naive"]) / statistics.median(times["kv"])
+        print(f"speed-up of the KV cache over naive re-encoding (batch 32): {speedup:.1f}x")
+        result["kv_vs_naive"] = speedup
+    return result
+
+
+def first_calls(args) -> dict:
+    """In this process: seconds of the first and second generate_ids calls (the --compile child)."""
+    from mlflow_tunix.pipeline import setup_jax
+
+    setup_jax()  # reads MLFLOW_TUNIX_JAX_CACHE, set by the parent
+    if args.no_export:  # XLA's persistent cache only: how a warm process started before the saved decode
+        import mlflow_tunix.generate
+
+        mlflow_tunix.generate._export_dir = lambda: None
+    model = build_model(CONFIG, seed=0)
+    prompts = make_prompts(args.child_batch)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        generate_ids(model, prompts, max_new_tokens=args.new_tokens, pad_id=PAD, stop_ids=[],
+                     batch_size=args.child_batch)
+        times.append(time.perf_counter() - start)
+    return {"first": times[0], "second": times[1]}
+
+
+def compile_times(args) -> dict:
+    # xla-only: XLA's compiled code cached, the decode traced and lowered again in every process;
+    # saved: the traced decode saved too (what generate does with the cache on). Each mode gets its
+    # own empty cache: a cold process fills it, a warm one reads it.
+    modes = {"xla-only": ["--no-export"], "saved": []}
+    rows = {f"{temp} {mode}": [] for mode in modes for temp in ("cold", "warm")}
+    for _ in range(args.compile_rounds):
+        for mode, extra in modes.items():
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, MLFLOW_TUNIX_JAX_CACHE=cache)
+                for temp in ("cold", "warm"):
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child", "--child-batch", str(args.child_batch),
+                         "--new-tokens", str(args.new_tokens), *extra],
+                        env=env, capture_output=True, text=True, check=True,
+                    ).stdout
+                    rows[f"{temp} {mode}"].append(json.loads(out.strip().splitlines()[-1]))
+    result = {}
+    for kind, runs in rows.items():
+        first = statistics.median(r["first"] for r in runs)
+        second = statistics.median(r["second"] for r in runs)
+        result[kind] = {"first_call": first, "second_call": second, "compile": first - second}
+        print(f"{kind:>14}: first generate_ids call {first:.2f} s, second {second:.3f} s -> compile ~{first - second:.2f} s"
+              f"  (medians of {len(runs)}; firsts: " + " ".join(f"{r['first']:.2f}" for r in runs) + ")")
+    for mode in modes:
+        print(f"{mode}: warm / cold compile {result[f'warm {mode}']['compile'] / result[f'cold {mode}']['compile']:.2f}")
+    print(f"warm compile, saved / xla-only: {result['warm saved']['compile'] / result['warm xla-only']['compile']:.2f}")
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=CONFIG.n_layers,
+                        help="n_layers of the scaling model (2 = the shipped projects' model)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are over these)")
+    parser.add_argument("--naive", action="store_true", help="also compare with naive re-encoding at batch 32")
+    parser.add_argument("--compile", action="store_true", help="measure cold vs warm compile instead of scaling")
+    parser.add_argument("--compile-rounds", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-batch", type=int, default=32, help="batch of the --compile processes")
+    parser.add_argument("--no-export", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    config = ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, d_ff=384, max_seq_len=256)
-    model = build_model(config, seed=0)
-    rng = np.random.RandomState(0)
-    prompts = [rng.randint(1, config.vocab_size, rng.randint(16, 49)).tolist() for _ in range(args.batch)]
-    print(f"model: {param_count(model):,} params; batch {args.batch}, {args.new_tokens} new tokens, "
-          f"prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens; jax {jax.__version__} "
-          f"on {jax.devices()[0].platform}")
-
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, tokens, mask):
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        logits = nnx.merge(graphdef, state)(tokens, positions, kv_mask=mask)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-
-    def kv_cache():
-        return generate_ids(model, prompts, max_new_tokens=args.new_tokens, pad_id=PAD, stop_ids=[],
-                            batch_size=args.batch)
-
-    def naive():
-        return naive_generate(graphdef, state, forward, prompts, args.new_tokens)
-
-    # Warm-up (compiles) and a check that both sides decode the same tokens.
-    same = kv_cache() == naive()
-    print(f"same tokens on both sides: {same}")
-
-    times = {"kv-cache generate_ids": [], "naive re-encode": []}
-    for _ in range(args.runs):
-        for name, run in (("kv-cache generate_ids", kv_cache), ("naive re-encode", naive)):
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    tokens = args.batch * args.new_tokens
-    for name, median in medians.items():
-        print(f"{name:>22}: median {median:.3f} s  ({tokens / median:,.0f} tokens/s)  runs: "
-              + " ".join(f"{t:.3f}" for t in times[name]))
-    print(f"speed-up of the KV cache: {medians['naive re-encode'] / medians['kv-cache generate_ids']:.1f}x")
+    if args.child:
+        print(json.dumps(first_calls(args)))
+        return
+    result = compile_times(args) if args.compile else scaling(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

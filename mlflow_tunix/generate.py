@@ -7,9 +7,14 @@ token. Shapes are bucketed so the compiled function is reused across batches and
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import importlib.metadata
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -109,17 +114,19 @@ def generate_ids(
         prompt_mask[len(chunk) :, -1] = True
         row_ids = np.arange(start, start + rows, dtype=np.int32)
 
-        out = _generate_batch(
+        # NumPy arguments, not jnp ones: each jnp.asarray/jnp.int32 here was an eager op that a new
+        # process compiled again (too small for the persistent cache), ~0.3 s of every first call.
+        out = _decode(
             graphdef,
             state,
-            jnp.asarray(tokens),
-            jnp.asarray(prompt_mask),
-            jnp.asarray(live),
-            jnp.asarray(row_ids),
-            jnp.asarray(stop, jnp.int32),
-            jnp.int32(pad_id),
-            jnp.float32(max(temperature, 1e-6)),
-            jnp.uint32(seed % 2**32),  # any Python int is a valid seed
+            tokens,
+            prompt_mask,
+            live,
+            row_ids,
+            np.asarray(stop, np.int32),
+            np.int32(pad_id),
+            np.float32(max(temperature, 1e-6)),
+            np.uint32(seed % 2**32),  # any Python int is a valid seed
             max_new_tokens=max_new_tokens,
             greedy=temperature == 0,
             top_k=top_k,
@@ -163,6 +170,65 @@ def _check_request(prompts, config, max_new_tokens, pad_id, stop_ids, temperatur
         if p.min() < 0 or p.max() >= vocab:
             bad = int(p[(p < 0) | (p >= vocab)][0])
             raise InputError(f"prompt {i} has token id {bad} outside the vocabulary (size {vocab})")
+
+
+# key -> the jitted call of a deserialized decode (see _decode)
+_EXPORTED: dict[str, object] = {}
+# What the decode's code depends on besides its arguments: a change to any of these is a new key.
+_SOURCES = (Path(__file__), Path(__file__).with_name("model.py"))
+
+
+def _decode(graphdef, state, *args, max_new_tokens, greedy, top_k):
+    """_generate_batch, through a traced program saved next to JAX's persistent compilation cache.
+
+    The persistent cache keeps XLA's compiled code, but a new process still traces and lowers the
+    whole decode (prefill and loop step: the model twice) before it can look the code up: most of a
+    warm first call. So the traced program is saved with jax.export, keyed on everything it is
+    built from (the model's graph with its config, argument shapes, the static options, the source of
+    this module and model.py, the JAX/Flax versions and backend); a later process deserializes it,
+    and compiling the call finds XLA's code in the persistent cache. Off when that cache is off.
+    """
+    statics = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
+    cache_dir = _export_dir()
+    if not cache_dir:
+        return _generate_batch(graphdef, state, *args, **statics)
+    key = _export_key(graphdef, state, args, statics)
+    call = _EXPORTED.get(key)
+    if call is None:
+        path = Path(cache_dir) / f"mlflow-tunix-decode-{key}.jaxexport"
+        try:
+            exported = jax.export.deserialize(bytearray(path.read_bytes()))
+        except Exception:  # missing, unreadable, from an incompatible writer, no flatbuffers: trace it
+            # On the state's leaves: the export format cannot name NNX's pytree types.
+            treedef = jax.tree.structure(state)
+            flat = lambda leaves, *a: _generate_batch(graphdef, jax.tree.unflatten(treedef, leaves), *a, **statics)
+            exported = jax.export.export(jax.jit(flat))(jax.tree.leaves(state), *args)
+            # A read-only cache or no flatbuffers only means tracing again next time.
+            with contextlib.suppress(OSError, ImportError):
+                path.parent.mkdir(parents=True, exist_ok=True)  # JAX makes it at its first write, later
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(exported.serialize())
+                os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
+        call = _EXPORTED[key] = jax.jit(exported.call)
+    return call(jax.tree.leaves(state), *args)
+
+
+def _export_dir() -> str | None:
+    """Where saved decodes go: JAX's persistent compilation cache (pipeline.setup_jax), or None."""
+    return jax.config.jax_compilation_cache_dir
+
+
+def _export_key(graphdef, state, args, statics) -> str:
+    h = hashlib.sha256()
+    for part in (
+        repr(graphdef), sorted(statics.items()),
+        [(a.shape, a.dtype) for a in jax.tree.leaves((state, args))], jax.tree.structure(state),
+        jax.__version__, importlib.metadata.version("flax"), jax.default_backend(),
+    ):
+        h.update(repr(part).encode())
+    for source in _SOURCES:
+        h.update(source.read_bytes())
+    return h.hexdigest()[:32]
 
 
 @functools.partial(

@@ -1,5 +1,9 @@
 """KV-cache generation: equal to naive re-encoding, stops, sampling, validation, and text."""
 
+import importlib.util
+import json
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +11,7 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from mlflow_tunix import generate
 from mlflow_tunix.errors import InputError
 from mlflow_tunix.generate import GenerationConfig, generate_ids, generate_text
 from mlflow_tunix.model import ModelConfig, build_model, flat_params
@@ -205,3 +210,43 @@ def test_generate_text_refuses_a_tokenizer_without_pad(tokenizer, model):
     bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>")
     with pytest.raises(InputError, match="pad_token"):
         generate_text(model, bare, ["hi"], GenerationConfig())
+
+
+DECODE_FIXTURE = Path(__file__).parent / "fixtures" / "decode"
+
+
+def make_fixture():
+    spec = importlib.util.spec_from_file_location("make_fixture", DECODE_FIXTURE / "make_fixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_outputs_equal_the_saved_fixture():
+    # tests/fixtures/decode/decode.json holds the decoder's outputs from before its KV cache changed
+    # layout (written by make_fixture.py at that commit): greedy and sampled, 21 left-padded prompts
+    # of 1-40 tokens, batches of 32 and 4, stop tokens, MHA llama and GQA qwen3. Every token must match.
+    expected = json.loads((DECODE_FIXTURE / "decode.json").read_text())
+    got = make_fixture().run_all()
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key] == expected[key], key
+
+
+def test_a_decode_saved_for_the_next_process_gives_the_same_tokens(tmp_path, monkeypatch):
+    # With the persistent cache on, the first call exports the traced decode to a file; a new process
+    # (here: the in-memory table cleared) deserializes it instead of tracing. Both must decode the
+    # fixture's tokens.
+    fixture = make_fixture()
+    config = fixture.CONFIGS["qwen3-gqa"]
+    model, prompts = fixture.unit_model(config, seed=0), fixture.prompts(1, config.vocab_size)
+    kwargs = dict(fixture.REQUESTS)["greedy-stops"]
+    monkeypatch.setattr(generate, "_export_dir", lambda: str(tmp_path / "jax"))  # made at the first save
+    monkeypatch.setattr(generate, "_EXPORTED", {})
+    first = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
+    saved = list((tmp_path / "jax").glob("mlflow-tunix-decode-*.jaxexport"))
+    generate._EXPORTED.clear()
+    second = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
+    expected = json.loads((DECODE_FIXTURE / "decode.json").read_text())["qwen3-gqa/greedy-stops"]
+    assert len(saved) == 1 and len(generate._EXPORTED) == 1
+    assert first == second == expected

@@ -10,7 +10,8 @@ project's model is trained with the same jitted ``train.train_step`` on the batc
 * ``padded``: today's batches (``packing: false``), every row padded to the data's width;
 * ``per-batch``: the same examples, each batch cut to its own longest row (rounded up to 32);
 * ``grouped``: ``group_by_length: true`` (batches of similar lengths, each cut to its longest row);
-* ``packed``: ``packing: true``, the same examples as ``padded`` packed into few rows.
+* ``packed-full``: the same examples as ``padded`` packed into few rows of the data's width;
+* ``packed``: ``packing: true``: the same, in rows as wide as the step's longest example.
 
 Every shape is compiled before timing. Rounds alternate the modes (a busy neighbour slows all alike);
 prints per mode the median (min-max) completion tokens/s over the rounds, the positions per step, and
@@ -35,11 +36,11 @@ from mlflow_tunix.config import load_project
 from mlflow_tunix.model import build_model
 from mlflow_tunix.pipeline import prepare
 from mlflow_tunix.train import (BatchSampler, _lengths, choose_packing, init_state, make_batch, make_optimizer,
-                                padded_width, train_step)
+                                packed_batch, padded_width, train_step)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO.parent / "shared" / "fixtures" / "tunix-rt" / "dev-reasoning-v2.jsonl"
-MODES = ("padded", "per-batch", "grouped", "packed")
+MODES = ("padded", "per-batch", "grouped", "packed-full", "packed")
 
 
 def batches(mode: str, data, config, steps: int) -> list[dict]:
@@ -50,7 +51,9 @@ def batches(mode: str, data, config, steps: int) -> list[dict]:
     out = []
     for step in range(steps):
         idx = sampler.indices(step)
-        if mode == "per-batch":
+        if mode == "packed-full":
+            out.append(packed_batch(data, idx, lengths, cfg.batch_size, width=data.tokens.shape[1]))
+        elif mode == "per-batch":
             width = padded_width(data, idx, lengths)
             out.append({"tokens": data.tokens[idx, :width], "loss_mask": data.loss_mask[idx, :width]})
         else:
@@ -79,6 +82,7 @@ def bench_project(name: str, cfg, rounds: int, steps: int) -> dict:
         for b in bs:  # compile every shape, warm up
             state, metrics = step_fn(state, b)
         jax.block_until_ready(metrics["loss"])
+        print(f"  {mode}: compiled {len(shapes)} shapes", flush=True)
         sides[mode] = {"batches": bs, "state": state, "useful": useful, "positions": positions, "shapes": shapes,
                        "times": []}
     for r in range(rounds):
@@ -92,10 +96,11 @@ def bench_project(name: str, cfg, rounds: int, steps: int) -> dict:
             jax.block_until_ready(metrics["loss"])
             side["times"].append(time.perf_counter() - t)
             side["state"] = state
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{m} {sides[m]['times'][-1]:.1f} s" for m in MODES), flush=True)
     base = statistics.median(sides["padded"]["useful"] / t for t in sides["padded"]["times"])
     result = {"examples": len(data.tokens), "width": int(data.tokens.shape[1]), "batch_size": train_cfg.batch_size,
               "auto_packs": bool(auto), "modes": {}}
-    print(f"  {'mode':<10} {'completion tok/s (min-max)':>30} {'positions/step':>15} {'padding':>8} {'shapes':>7} "
+    print(f"  {'mode':<12} {'completion tok/s (min-max)':>30} {'positions/step':>15} {'padding':>8} {'shapes':>7} "
           f"{'ratio':>6}")
     for mode in MODES:
         side = sides[mode]
@@ -107,7 +112,7 @@ def bench_project(name: str, cfg, rounds: int, steps: int) -> dict:
         result["modes"][mode] = {"completion_tokens_per_sec": {"min": min(rates), "median": med, "max": max(rates)},
                                  "positions_per_step": side["positions"] / steps, "padding": padding,
                                  "shapes": len(side["shapes"]), "ratio": med / base}
-        print(f"  {mode:<10} {med:>12,.0f} ({min(rates):>7,.0f}-{max(rates):>7,.0f}) {side['positions'] / steps:>15,.0f} "
+        print(f"  {mode:<12} {med:>12,.0f} ({min(rates):>7,.0f}-{max(rates):>7,.0f}) {side['positions'] / steps:>15,.0f} "
               f"{padding:>7.1%} {len(side['shapes']):>7} {med / base:>5.2f}x")
     print(f"  packing: auto packs: {auto}")
     return result

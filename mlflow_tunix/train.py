@@ -192,18 +192,16 @@ class BatchSampler:
 # depends on the iterator's state, which a checkpoint would then have to carry; here a step packs
 # exactly the examples the sampler gives it, so a packed step trains the same examples (the same
 # loss, up to float rounding) as an unpacked one, and a batch stays a function of (seed, step).
-PACK_GAIN = 0.1  # packing: auto packs when it saves at least this share of the positions
+PACK_GAIN = 0.2  # packing: auto packs when it saves at least this share of the positions (wider rows cost attention)
+PACK_MIN_WIDTH = 128  # packed rows are at least this wide, so that examples of more than half the longest pair up
 PACK_PROBE_STEPS = 64  # ... measured over this many first steps
 
 
 def row_bucket(n: int, cap: int) -> int:
-    """Rows of a packed batch, rounded up to 1, 2, 3, 4, 6, 8, 12, 16, ... (at most ``cap``): a few
-    shapes, so a few compilations."""
-    bucket = 1
-    while bucket < n:
-        # 4 -> 6 -> 8 -> 12 -> 16: each step grows by at most half, so at most a third of the rows is padding.
-        bucket = bucket + 1 if bucket < 4 else bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
-    return min(bucket, cap)
+    """Rows of a packed batch, rounded up to a multiple of cap // 16 (at most ``cap``): a step's row
+    count varies little around its mean, so a few shapes, so a few compilations."""
+    multiple = max(1, cap // 16)
+    return min(-(-n // multiple) * multiple, cap)
 
 
 def pack_rows(lengths: np.ndarray, width: int) -> list[list[int]]:
@@ -223,10 +221,12 @@ def pack_rows(lengths: np.ndarray, width: int) -> list[list[int]]:
     return rows
 
 
-def packed_batch(data: TokenizedData, idx: np.ndarray, lengths: np.ndarray, max_rows: int) -> dict:
-    """The examples ``idx`` packed into rows of the data's width, with ``positions`` restarting at 0
-    and ``segment_ids`` (1, 2, ... per example, 0 on padding) for the block-diagonal causal mask."""
-    width = data.tokens.shape[1]
+def packed_batch(data: TokenizedData, idx: np.ndarray, lengths: np.ndarray, max_rows: int,
+                 width: int | None = None) -> dict:
+    """The examples ``idx`` packed into rows of ``pack_width`` (narrow rows keep attention cheap), with
+    ``positions`` restarting at 0 and ``segment_ids`` (1, 2, ... per example, 0 on padding) for the
+    block-diagonal causal mask."""
+    width = width or pack_width(data, idx, lengths)
     rows = pack_rows(lengths[idx], width)
     shape = (row_bucket(len(rows), max_rows), width)
     tokens, positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
@@ -253,6 +253,11 @@ def padded_width(data: TokenizedData, idx: np.ndarray, lengths: np.ndarray | Non
     return width
 
 
+def pack_width(data: TokenizedData, idx: np.ndarray, lengths: np.ndarray) -> int:
+    """A packed row's width: the step's longest example rounded up to LENGTH_STEP, at least PACK_MIN_WIDTH."""
+    return max(padded_width(data, idx, lengths), PACK_MIN_WIDTH)
+
+
 def make_batch(data: TokenizedData, idx: np.ndarray, lengths: np.ndarray, config: TrainConfig, pack: bool) -> dict:
     if pack:
         return packed_batch(data, idx, lengths, config.batch_size)
@@ -265,11 +270,11 @@ def choose_packing(config: TrainConfig, sampler: "BatchSampler", data: Tokenized
     least PACK_GAIN fewer positions than padded ones (the step's cost is nearly linear in them)."""
     if config.packing != "auto":
         return bool(config.packing)
-    width = data.tokens.shape[1]
     padded = packed = 0
     for step in range(min(config.steps, PACK_PROBE_STEPS)):
         idx = sampler.indices(step)
         padded += len(idx) * padded_width(data, idx, lengths if config.group_by_length else None)
+        width = pack_width(data, idx, lengths)
         packed += row_bucket(len(pack_rows(lengths[idx], width)), config.batch_size) * width
     return packed <= (1 - PACK_GAIN) * padded
 

@@ -193,8 +193,8 @@ class BatchSampler:
 # exactly the examples the sampler gives it, so a packed step trains the same examples (the same
 # loss, up to float rounding) as an unpacked one, and a batch stays a function of (seed, step).
 PACK_GAIN = 0.2  # packing: auto packs when it saves at least this share of the positions (wider rows cost attention)
-PACK_MIN_WIDTH = 128  # packed rows are at least this wide, so that examples of more than half the longest pair up
 PACK_PROBE_STEPS = 64  # ... measured over this many first steps
+PACK_MIN_WIDTH = 128  # packed rows are at least this wide, so that examples of more than half the longest pair up
 
 
 def row_bucket(n: int, cap: int) -> int:

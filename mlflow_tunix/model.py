@@ -249,11 +249,13 @@ class Transformer(nnx.Module):
         if not config.tie_embeddings:
             self.lm_head = _normal(rngs, (config.d_model, config.vocab_size), 0.02)
 
-    def __call__(self, tokens, positions=None, *, cache=None, cache_index=None, kv_mask=None):
+    def __call__(self, tokens, positions=None, *, cache=None, cache_index=None, kv_mask=None, segment_ids=None):
         """tokens int32 [B, T] -> logits float32 [B, T, V], or (logits, new_cache) with a cache.
 
         Without cache: causal attention over the T tokens; positions default to arange(T);
-        kv_mask (bool [B, T], optional) hides padding tokens.
+        kv_mask (bool [B, T], optional) hides padding tokens; segment_ids (int [B, T], optional, for
+        rows packed with several examples) lets a token attend only to tokens of its own segment
+        (a block-diagonal causal mask; give positions restarting at 0 in each segment too).
         With cache (from init_cache, S slots): this chunk's K/V are written at cache_index (a
         traced int scalar, the same for the whole batch); positions default to cache_index +
         arange(T); kv_mask (bool [B, S]) is False for left-padding slots, never attended.
@@ -272,6 +274,8 @@ class Transformer(nnx.Module):
         mask = jnp.broadcast_to(jnp.arange(S)[None, :] <= q_slot[:, None], (B, T, S))
         if kv_mask is not None:
             mask = mask & kv_mask.astype(bool)[:, None, :]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         sin, cos = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
 
         # Activations stay 2-D [B*T, d] so every linear layer is one plain matmul

@@ -20,7 +20,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,10 @@ class TrainConfig:
     # Batches of similar lengths, each cut to its own longest row (rounded up to LENGTH_STEP): when
     # examples differ much in length, padding to the longest of all wastes half the compute.
     group_by_length: bool = False
+    # Several examples per row (block-diagonal causal mask, positions restarting per example): a
+    # step trains the same examples with far fewer padding positions. "auto": pack when it saves
+    # at least PACK_GAIN of the positions over the first steps (see choose_packing).
+    packing: Literal[True, False, "auto"] = False
     checkpoint_every: int = 100  # an Orbax checkpoint every N steps and at the last one (0 = none)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept, older ones deleted
     checkpoint_dir: str = ""  # runs keep their checkpoints in <checkpoint_dir>/<run id>/ ("": see resume.checkpoint_root)
@@ -76,6 +80,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: {message}, got {getattr(self, name)}")
         if self.processes != "auto" and not (str(self.processes).isdigit() and 1 <= int(self.processes) <= 1024):
             raise ConfigError(f"train.processes: must be auto or a whole number from 1 to 1024, got {self.processes!r}")
+        if isinstance(self.packing, str) and self.packing.lower() in ("true", "false", "auto"):  # a -P override
+            object.__setattr__(self, "packing", {"true": True, "false": False}.get(self.packing.lower(), "auto"))
+        if not (isinstance(self.packing, bool) or self.packing == "auto"):
+            raise ConfigError(f"train.packing: must be true, false or auto, got {short(self.packing)}")
         if not isinstance(self.group_by_length, bool):
             raise ConfigError(f"train.group_by_length: must be true or false, got {self.group_by_length!r}")
         for name, highest in (("steps", MAX_STEPS), ("batch_size", MAX_BATCH_SIZE)):
@@ -184,6 +192,100 @@ class BatchSampler:
         return self._epoch_order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
 
 
+# --------------------------------------------------------------------------- packing
+# Written here rather than taken from Grain: Grain packs a stream, so which examples share a step
+# depends on the iterator's state, which a checkpoint would then have to carry; here a step packs
+# exactly the examples the sampler gives it, so a packed step trains the same examples (the same
+# loss, up to float rounding) as an unpacked one, and a batch stays a function of (seed, step).
+PACK_GAIN = 0.2  # packing: auto packs when it saves at least this share of the positions (wider rows cost attention)
+PACK_PROBE_STEPS = 64  # ... measured over this many first steps
+PACK_MIN_WIDTH = 128  # packed rows are at least this wide, so that examples of more than half the longest pair up
+
+
+def row_bucket(n: int, cap: int, devices: int = 1) -> int:
+    """Rows of a packed batch, rounded up to a multiple of cap // 16 (at most ``cap``): a step's row
+    count varies little around its mean, so a few shapes, so a few compilations. A multiple of
+    ``devices`` too: data parallelism splits the rows (cap, the batch size, already is one)."""
+    multiple = math.lcm(max(1, cap // 16), devices)
+    return min(-(-n // multiple) * multiple, cap)
+
+
+def pack_rows(lengths: np.ndarray, width: int) -> list[list[int]]:
+    """First-fit decreasing: the positions in ``lengths`` grouped into rows of at most ``width`` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for j in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[j])
+        for r in range(len(rows)):
+            if n <= room[r]:
+                rows[r].append(int(j))
+                room[r] -= n
+                break
+        else:
+            rows.append([int(j)])
+            room.append(width - n)
+    return rows
+
+
+def packed_batch(data: TokenizedData, idx: np.ndarray, lengths: np.ndarray, max_rows: int,
+                 width: int | None = None, devices: int = 1) -> dict:
+    """The examples ``idx`` packed into rows of ``pack_width`` (narrow rows keep attention cheap), with
+    ``positions`` restarting at 0 and ``segment_ids`` (1, 2, ... per example, 0 on padding) for the
+    block-diagonal causal mask."""
+    width = width or pack_width(data, idx, lengths)
+    rows = pack_rows(lengths[idx], width)
+    shape = (row_bucket(len(rows), max_rows, devices), width)
+    tokens, positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    loss_mask = np.zeros(shape, np.float32)
+    for r, members in enumerate(rows):
+        at = 0
+        for segment, j in enumerate(members, 1):
+            i = idx[j]
+            n = int(lengths[i])
+            tokens[r, at : at + n] = data.tokens[i, :n]
+            # A segment's first token is never a target: it would be predicted from the example before.
+            loss_mask[r, at + 1 : at + n] = data.loss_mask[i, 1:n]
+            positions[r, at : at + n] = np.arange(n)
+            segments[r, at : at + n] = segment
+            at += n
+    return {"tokens": tokens, "loss_mask": loss_mask, "positions": positions, "segment_ids": segments}
+
+
+def padded_width(data: TokenizedData, idx: np.ndarray, lengths: np.ndarray | None) -> int:
+    """An unpacked batch's width: the data's, or (group_by_length) its longest row's rounded up to LENGTH_STEP."""
+    width = data.tokens.shape[1]
+    if lengths is not None:  # (a row's padding carries no loss and is never attended to)
+        width = min(width, -(-int(lengths[idx].max()) // LENGTH_STEP) * LENGTH_STEP)
+    return width
+
+
+def pack_width(data: TokenizedData, idx: np.ndarray, lengths: np.ndarray) -> int:
+    """A packed row's width: the step's longest example rounded up to LENGTH_STEP, at least PACK_MIN_WIDTH."""
+    return max(padded_width(data, idx, lengths), PACK_MIN_WIDTH)
+
+
+def make_batch(data: TokenizedData, idx: np.ndarray, lengths: np.ndarray, config: TrainConfig, pack: bool,
+               devices: int = 1) -> dict:
+    if pack:
+        return packed_batch(data, idx, lengths, config.batch_size, devices=devices)
+    width = padded_width(data, idx, lengths if config.group_by_length else None)
+    return {"tokens": data.tokens[idx, :width], "loss_mask": data.loss_mask[idx, :width]}
+
+
+def choose_packing(config: TrainConfig, sampler: "BatchSampler", data: TokenizedData, lengths: np.ndarray) -> bool:
+    """``packing: auto``: pack when, over the first PACK_PROBE_STEPS steps, packed batches hold at
+    least PACK_GAIN fewer positions than padded ones (the step's cost is nearly linear in them)."""
+    if config.packing != "auto":
+        return bool(config.packing)
+    padded = packed = 0
+    for step in range(min(config.steps, PACK_PROBE_STEPS)):
+        idx = sampler.indices(step)
+        padded += len(idx) * padded_width(data, idx, lengths if config.group_by_length else None)
+        width = pack_width(data, idx, lengths)
+        packed += row_bucket(len(pack_rows(lengths[idx], width)), config.batch_size) * width
+    return packed <= (1 - PACK_GAIN) * padded
+
+
 # --------------------------------------------------------------------------- the pure step
 class TrainState(NamedTuple):
     step: jax.Array
@@ -206,10 +308,14 @@ def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, C
     return tx, schedule
 
 
-def completion_loss(graphdef, params, tokens, loss_mask):
-    """Mean next-token cross-entropy over completion targets; prompt and padding weigh nothing."""
+def completion_loss(graphdef, params, tokens, loss_mask, positions=None, segment_ids=None):
+    """Mean next-token cross-entropy over completion targets; prompt and padding weigh nothing.
+    With ``segment_ids`` (a packed batch) each example attends only to itself, at its own ``positions``."""
     model = nnx.merge(graphdef, params)
-    logits = model(tokens[:, :-1])
+    if segment_ids is None:
+        logits = model(tokens[:, :-1])
+    else:
+        logits = model(tokens[:, :-1], positions[:, :-1], segment_ids=segment_ids[:, :-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
     mask = loss_mask[:, 1:]
     return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
@@ -221,7 +327,8 @@ def train_step(graphdef, tx, state: TrainState, batch, base=None, lora_scale: fl
     def loss_fn(params):
         if base is not None:
             params = lora.merged(base, params, lora_scale)
-        return completion_loss(graphdef, params, batch["tokens"], batch["loss_mask"])
+        return completion_loss(graphdef, params, batch["tokens"], batch["loss_mask"], batch.get("positions"),
+                               batch.get("segment_ids"))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -272,6 +379,7 @@ class TrainResult:
     trained_params: int = 0  # parameters the optimizer updated (all of them, or the LoRA adapters)
     optimizer_state_size: int = 0  # numbers in the optimizer state
     adapters: Any = None  # lora.Adapters of a train.lora run (``model`` has them merged), else None
+    packed: bool = False  # whether the batches were packed (train.packing, or what auto chose)
 
 
 def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: TokenizedData | None = None,
@@ -306,8 +414,9 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     step_fn = functools.partial(jitted_step, base=base)
     jitted_eval = jax.jit(lambda params, tokens, mask, base: completion_loss(
         graphdef, params if base is None else lora.merged(base, params, scale), tokens, mask), **jit_opts)
-    lengths = _lengths(data) if config.group_by_length else None
-    sampler = BatchSampler(len(data.tokens), config.batch_size, config.seed, lengths)
+    lengths = _lengths(data)
+    sampler = BatchSampler(len(data.tokens), config.batch_size, config.seed, lengths if config.group_by_length else None)
+    pack = choose_packing(config, sampler, data, lengths)
     loop = _Loop(config, tracker or NullTracker(), schedule, functools.partial(jitted_eval, base=base), eval_data, state,
                  dp)
     if checkpoint_dir is not None and config.checkpoint_every:
@@ -318,11 +427,7 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     try:
         with StopOnSignal() as stop:
             for step in range(loop.first_step, config.steps):
-                idx = sampler.indices(step)
-                width = data.tokens.shape[1]
-                if lengths is not None:  # (a row's padding carries no loss and is never attended to)
-                    width = min(width, -(-int(lengths[idx].max()) // LENGTH_STEP) * LENGTH_STEP)
-                batch = {"tokens": data.tokens[idx, :width], "loss_mask": data.loss_mask[idx, :width]}
+                batch = make_batch(data, sampler.indices(step), lengths, config, pack, dp.n_devices if dp else 1)
                 loop.state, metrics = step_fn(loop.state, shard(batch))
                 signum = stop.signum  # read once: a signal may land at any moment
                 loop.after_step(step, metrics, batch["tokens"].size, interrupted=signum is not None)
@@ -340,7 +445,7 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     return TrainResult(nnx.merge(graphdef, params), loop.final_loss, loop.eval_loss, config.steps,
                        loop.total_tokens / max(seconds, 1e-9), seconds, loop.first_step,
                        _size(loop.state.params), _size(loop.state.opt_state),
-                       None if base is None else lora.Adapters(config.lora, loop.state.params))
+                       None if base is None else lora.Adapters(config.lora, loop.state.params), pack)
 
 
 def _size(tree) -> int:

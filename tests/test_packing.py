@@ -144,6 +144,8 @@ def test_auto_packs_skewed_rows_and_not_full_ones():
     assert not choose_packing(config, BatchSampler(32, 8, 0), full, _lengths(full))
     assert [row_bucket(n, 64) for n in (1, 4, 5, 25, 62)] == [4, 4, 8, 28, 64]
     assert [row_bucket(n, 16) for n in (1, 5, 16)] == [1, 5, 16] and row_bucket(31, 30) == 30  # never more rows than examples
+    # data parallelism splits the rows: a multiple of the device count too (the batch size is one)
+    assert [row_bucket(n, 16, devices=2) for n in (1, 5, 16)] == [2, 6, 16] and row_bucket(5, 64, devices=8) == 8
 
 
 @pytest.mark.parametrize("value", ["yes", 2, 1.0, None, "pack"])

@@ -355,7 +355,8 @@ class _Job:
         )
         # Logged with model_id (and the eval dataset), so the model's own page shows the final figures.
         summary = {"final_loss": result.final_loss, "train_seconds": result.seconds,
-                   "train_tokens_per_sec": result.tokens_per_sec}
+                   "train_tokens_per_sec": result.tokens_per_sec,
+                   "train_completion_tokens_per_sec": result.completion_tokens_per_sec}
         if result.final_eval_loss is not None:
             summary["final_eval_loss"] = result.final_eval_loss
         runs.log_metrics_once(self.run_id, summary, result.steps, self.resumed, model_id=info.model_id)

@@ -380,6 +380,7 @@ class TrainResult:
     optimizer_state_size: int = 0  # numbers in the optimizer state
     adapters: Any = None  # lora.Adapters of a train.lora run (``model`` has them merged), else None
     packed: bool = False  # whether the batches were packed (train.packing, or what auto chose)
+    completion_tokens_per_sec: float = 0.0  # the tokens that carry loss: comparable packed or not
 
 
 def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: TokenizedData | None = None,
@@ -430,7 +431,8 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
                 batch = make_batch(data, sampler.indices(step), lengths, config, pack, dp.n_devices if dp else 1)
                 loop.state, metrics = step_fn(loop.state, shard(batch))
                 signum = stop.signum  # read once: a signal may land at any moment
-                loop.after_step(step, metrics, batch["tokens"].size, interrupted=signum is not None)
+                loop.after_step(step, metrics, batch["tokens"].size, int(batch["loss_mask"].sum()),
+                                interrupted=signum is not None)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loop.final_loss:.4f}", tok_s=f"{loop.tokens_per_sec:,.0f}", refresh=False)
                 if signum is not None:
@@ -445,7 +447,8 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     return TrainResult(nnx.merge(graphdef, params), loop.final_loss, loop.eval_loss, config.steps,
                        loop.total_tokens / max(seconds, 1e-9), seconds, loop.first_step,
                        _size(loop.state.params), _size(loop.state.opt_state),
-                       None if base is None else lora.Adapters(config.lora, loop.state.params), pack)
+                       None if base is None else lora.Adapters(config.lora, loop.state.params), pack,
+                       loop.total_completion / max(seconds, 1e-9))
 
 
 def _size(tree) -> int:
@@ -472,6 +475,7 @@ class _Loop:
         self.pending: list[tuple[int, dict]] = []  # (step, device metrics) since the last sync
         self.window_tokens, self.window_start = 0, time.perf_counter()
         self.total_tokens, self.tokens_per_sec = 0, 0.0
+        self.window_completion, self.total_completion = 0, 0  # completion tokens (those carrying loss)
 
     def open_checkpoints(self, directory, key: dict, resume: bool) -> None:
         """Checkpoint to ``directory``; with ``resume``, continue from its newest checkpoint (one of
@@ -489,13 +493,15 @@ class _Loop:
             self.state, info = restored
             self.first_step, self.final_loss, self.eval_loss = int(info["step"]), float(info["loss"]), info.get("eval_loss")
 
-    def after_step(self, step: int, metrics, n_tokens: int, interrupted: bool) -> None:
+    def after_step(self, step: int, metrics, n_tokens: int, n_completion: int, interrupted: bool) -> None:
         """Log every ``log_every`` steps, evaluate every ``eval_every``, checkpoint every ``checkpoint_every``
         (and all three at the last step; a stop request logs and checkpoints at once)."""
         c = self.config
         self.pending.append((step, metrics))
         self.window_tokens += n_tokens  # positions processed (B x L), the usual throughput unit
         self.total_tokens += n_tokens
+        self.window_completion += n_completion  # what packing speeds up (it removes padding positions)
+        self.total_completion += n_completion
         last = step == c.steps - 1
         save = self.checkpoints is not None and ((step + 1) % c.checkpoint_every == 0 or last or interrupted)
         if (step + 1) % c.log_every == 0 or last or save or interrupted:
@@ -523,7 +529,9 @@ class _Loop:
             self.tracker.log_scalar("learning_rate", float(self.schedule(s)), s)
         self.final_loss = float(fetched[-1]["loss"])
         self.tracker.log_scalar("tokens_per_sec", self.tokens_per_sec, step)
-        self.pending, self.window_tokens, self.window_start = [], 0, time.perf_counter()
+        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        self.tracker.log_scalar("completion_tokens_per_sec", self.window_completion / seconds, step)
+        self.pending, self.window_tokens, self.window_completion, self.window_start = [], 0, 0, time.perf_counter()
 
     def held_out_loss(self) -> float | None:
         data = self.eval_data

@@ -124,6 +124,10 @@ def test_packed_training_follows_the_unpacked_loss_and_resumes_bit_identical(tmp
     packed = train(fresh(), data, config, progress=False, checkpoint_dir=tmp_path / "ckpt")
     plain = train(fresh(), data, dataclasses.replace(config, packing=False), progress=False)
     assert packed.packed and not plain.packed
+    # the same completion tokens trained either way (tokens_per_sec counts positions, padding included)
+    completion = [r.completion_tokens_per_sec * r.seconds for r in (packed, plain)]
+    expected = sum(data.loss_mask[BatchSampler(32, 8, 0).indices(step)].sum() for step in range(8))
+    assert completion == pytest.approx([expected, expected], rel=1e-9) and expected > 0
     np.testing.assert_allclose(packed.final_loss, plain.final_loss, rtol=1e-4)
     for name, value in flat_params(packed.model).items():
         np.testing.assert_allclose(value, flat_params(plain.model)[name], atol=1e-4, err_msg=name)

@@ -160,6 +160,26 @@ def mlflow_server_process(root: Path, env_extra: dict | None = None, backend_sto
         stop_process_group(proc)
 
 
+@contextmanager
+def model_server_process(model_uri: str, tracking_uri: str, log_dir: Path):
+    """A real `mlflow models serve -m MODEL_URI --env-manager local` on a free 127.0.0.1 port, reading
+    ``tracking_uri``; yields its URL once /ping answers, stops its process group on the way out."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**cli_env(tracking_uri), "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
+    log_path = Path(log_dir) / "model-server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-p", str(port),
+             "-h", "127.0.0.1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_answers(f"{url}/ping", server, log_path, "the model server")
+        yield url
+    finally:
+        stop_process_group(server)
+
+
 # --------------------------------------------------------------------------- a tiny tokenizer and model
 def addition_texts(n: int = 300, seed: int = 0) -> list[str]:
     """``n`` short addition traces (prompt + completion), digit-heavy as the real projects are."""

@@ -1,10 +1,8 @@
 """Fine-tuning a Hugging Face checkpoint folder end to end: `mlflow run . -P init_from=DIR` trains,
 logs and registers it, and the registered model serves through `mlflow models serve`."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from mlflow_tunix.errors import ConfigError
 from mlflow_tunix.hf import load_checkpoint
 from mlflow_tunix.model import flat_params
 
-from conftest import REPO, cli_env, free_port, stop_process_group, wait_until_answers
+from conftest import REPO, cli_env, model_server_process
 
 CHECKPOINT = REPO / "tests" / "fixtures" / "hf" / "qwen3"
 PROJECT = REPO / "tests" / "projects" / "tiny-init" / "config.yaml"
@@ -50,20 +48,7 @@ def test_mlflow_run_fine_tunes_a_checkpoint_and_the_model_serves(tracking_uri, t
     assert sorted(a) == sorted(b) and any(a[k].tobytes() != b[k].tobytes() for k in a)
     expected = logged.generate(["What is 12 + 7?"])[0]["completion"]
 
-    port = free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {**cli_env(tracking_uri), "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/ft/{version.version}", "--env-manager",
-             "local", "-p", str(port), "-h", "127.0.0.1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_answers(f"{url}/ping", server, log_path, "the model server")
+    with model_server_process(f"models:/ft/{version.version}", tracking_uri, tmp_path) as url:
         reply = requests.post(f"{url}/invocations", json={"inputs": ["What is 12 + 7?"]})
-        assert reply.status_code == 200, reply.text
-        assert reply.json()["predictions"][0]["completion"] == expected
-    finally:
-        stop_process_group(server)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["predictions"][0]["completion"] == expected

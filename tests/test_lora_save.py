@@ -2,10 +2,7 @@
 ``save_model(..., adapters=, base=)``): they load, serve and generate exactly as the merged save does,
 and a base that moved or changed is refused in one line."""
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -23,7 +20,7 @@ from mlflow_tunix.lora import LoraConfig
 from mlflow_tunix.model import flat_params, params_sha256
 from mlflow_tunix.train import TokenizedData, TrainConfig, train
 
-from conftest import REPO, assert_same_weights, cli_env, free_port, stop_process_group, wait_until_answers
+from conftest import REPO, assert_same_weights, model_server_process
 
 FIXTURE = REPO / "tests" / "fixtures" / "hf" / "llama"
 PROJECT = REPO / "tests" / "projects" / "tiny-init" / "config.yaml"
@@ -159,22 +156,10 @@ def test_a_lora_run_with_save_adapters_logs_registers_and_serves(tracking_uri, t
     assert params_sha256(logged.module) == version.tags["params_sha256"]
     expected = logged.generate(["What is 12 + 7?"])[0]["completion"]
 
-    port = free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {**cli_env(tracking_uri), "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [str(bin_dir / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local", "-p", str(port),
-             "-h", "127.0.0.1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_answers(f"{url}/ping", server, log_path, "the model server")
+    with model_server_process(uri, tracking_uri, tmp_path) as url:
         reply = requests.post(f"{url}/invocations", json={"inputs": ["What is 12 + 7?"]})
-        assert reply.status_code == 200, reply.text
-        assert reply.json()["predictions"][0]["completion"] == expected
-    finally:
-        stop_process_group(server)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["predictions"][0]["completion"] == expected
 
     # Without its base, the CLI says so in one line.
     hidden = tmp_path / "hidden"

@@ -226,9 +226,14 @@ def _export_key(graphdef, state, args, statics) -> str:
         jax.__version__, importlib.metadata.version("flax"), jax.default_backend(),
     ):
         h.update(repr(part).encode())
-    for source in _SOURCES:
-        h.update(source.read_bytes())
+    h.update(_sources_digest())
     return h.hexdigest()[:32]
+
+
+@functools.cache
+def _sources_digest() -> bytes:
+    """The decode's source files, read and hashed once per process (not on every batch)."""
+    return hashlib.sha256(b"".join(source.read_bytes() for source in _SOURCES)).digest()
 
 
 @functools.partial(

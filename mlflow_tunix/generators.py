@@ -208,6 +208,10 @@ def high_card(n: int = 1000, seed: int = 0) -> list[dict]:
 # as tunix-rt formats them (its score is strip + lower equality): "472 km", "95.48", "648.0",
 # "$31.5", "-20". The scratchpads work one digit or one letter per move, least significant digit
 # first where carries run, so every token the model writes depends on a few tokens before it.
+# Measured on tunix-rt's file (projects/reasoning): what a 2-layer model could not learn it was
+# given as a written step instead: the comparison before a subtraction digit by digit ("7=7 2<5"),
+# the divisor's multiples and each remainder as a subtraction in long division, the two names side
+# by side before a syllogism's verdict, and a place number before every letter it copies ("1r 2e").
 
 
 def _mul_digit_steps(a: int, d: int) -> str:
@@ -237,11 +241,25 @@ def multiplication_steps(a: int, b: int) -> list[str]:
     return steps
 
 
+def comparison(a: int, b: int) -> str:
+    """a against b digit by digit from the left (the shorter padded with zeros), up to the first
+    digits that differ: "7=7 2<5". One digit pair at a time, so a small model never compares two
+    whole numbers at once."""
+    width = max(len(str(a)), len(str(b)))
+    pairs = []
+    for x, y in zip(str(a).zfill(width), str(b).zfill(width)):
+        pairs.append(f"{x}{'=' if x == y else '<' if x < y else '>'}{y}")
+        if x != y:
+            break
+    return " ".join(pairs)
+
+
 def subtraction_steps(a: int, b: int) -> list[str]:
-    """a - b: the larger minus the smaller, column by column with borrows ("15-7-0=8" borrows the
-    1), the sign in front when a < b."""
+    """a - b: which is larger (digit by digit, see comparison), then the larger minus the smaller,
+    column by column with borrows ("15-7-0=8" borrows the 1), the sign in front when a < b."""
     big, small = max(a, b), min(a, b)
-    steps = [f"{a}<{b} so -({b}-{a})" if a < b else f"{a}>={b}"]
+    verdict = f"{a}<{b} so -({b}-{a})" if a < b else f"{a}>={b}"
+    steps = [f"{a}?{b}: {comparison(a, b)} so {verdict}"]
     db, ds = str(big)[::-1], str(small)[::-1]
     cols, borrow = [], 0
     for k in range(len(db)):
@@ -264,15 +282,18 @@ def division_steps(total: int, n: int) -> tuple[list[str], int]:
     """Long division of total by n to three decimals, then rounding to cents as Python's round()
     does on these numbers (half up, except an exact tie, which goes to the even cent).
     Returns (steps, the result in hundredths)."""
+    # n's multiples first ("1:7 2:14 ... 9:63"): each column then looks its quotient digit up as the
+    # largest multiple <= the column's number instead of recalling x // n for n up to 25.
+    multiples = f"{n}: " + " ".join(f"{k}:{n * k}" for k in range(1, 10))  # the largest one <= x, then x minus it
     cols, r = [], 0
     digits = list(map(int, str(total))) + [0, 0, 0]
     q = 0
     for d in digits:
         x = r * 10 + d
-        cols.append(f"{x}/{n}={x // n} r{x % n}")
+        cols.append(f"{x}/{n}={x // n} {x}-{x // n * n}={x % n}")  # the remainder as a written subtraction
         q, r = q * 10 + x // n, x % n
     thousandths = q
-    steps = [f"{total}/{n}: " + " ".join(cols), f"={q // 1000}.{q % 1000:03d} r{r}"]
+    steps = [multiples, f"{total}/{n}: " + " ".join(cols), f"={q // 1000}.{q % 1000:03d} r{r}"]
     cents, last = divmod(thousandths, 10)
     up = last > 5 or (last == 5 and (r > 0 or cents % 2 == 1))
     rounded = cents + up
@@ -392,15 +413,26 @@ LOGIC_PROMPTS = ("If all {cls} are {wider}, and this is a {x} (which is a {c}), 
 
 def _logic(rng):
     """tunix-rt's syllogism ("...which is a fis), is it animal?": it cuts the last letter of the
-    plurals). Yes when the thing belongs to the class of the premise, No when it belongs to another."""
-    members, cls, wider = rng.choice(KINDS)
+    plurals). Yes when the thing belongs to the class of the premise, No when it belongs to another.
+    Half the classes are made-up words ("all zorbs are things"), so the answer comes from comparing
+    the two names, and Yes prompts are as many and as varied as No ones."""
+    if rng.random() < 0.5:
+        members, cls, wider = rng.choice(KINDS)
+        other = rng.choice([k for k in KINDS if k[1] != cls and k[2] != wider])
+        other = (other[0], other[1][:-1])
+    else:
+        cls, wider = _word(rng) + "s", rng.choice(KINDS)[2]
+        members = (_word(rng),)
+        other_name = _word(rng)
+        other = ((_word(rng),), other_name if other_name != cls[:-1] else other_name + "x")
     if rng.random() < 0.5:
         x, c, answer = rng.choice(members), cls[:-1], "Yes"
     else:
-        others = [k for k in KINDS if k[1] != cls and k[2] != wider]
-        other_members, other_cls, _ = rng.choice(others)
-        x, c, answer = rng.choice(other_members), other_cls[:-1], "No"
-    steps = [f"{c} {'=' if answer == 'Yes' else '!='} {cls[:-1]}"]
+        x, c, answer = rng.choice(other[0]), other[1], "No"
+    if rng.random() < 0.5:  # the thing's own name does not decide: any word will do
+        x = _word(rng)
+    # both names first, then the verdict: the model compares two words it has just written
+    steps = [f"{c} {cls[:-1]}: {'same' if answer == 'Yes' else 'different'}"]
     prompt = rng.choice(LOGIC_PROMPTS).format(cls=cls, wider=wider, x=x, c=c, w=wider[:-1])
     return prompt, steps, answer
 
@@ -421,6 +453,8 @@ def _word(rng) -> str:
 
 
 def _indexed(letters) -> str:
+    """(number, letter) pairs as "1r 2e 3a": copying by place number, where copying letter after
+    letter (what follows the last one copied) goes wrong on repeated letters ("cherry")."""
     return " ".join(f"{i}{ch}" for i, ch in letters)
 
 
@@ -441,8 +475,10 @@ SORT_PROMPTS = ("Sort these characters alphabetically: {s}", "Sort these charact
 
 def _string_sort(rng):
     s = "".join(rng.choice(LETTERS.upper()) for _ in range(rng.randint(3, 9)))
+    spelled = list(enumerate(s, start=1))
+    # each letter keeps its place number, so equal letters stay apart and each is copied by number
+    steps = [_indexed(spelled), _indexed(sorted(spelled, key=lambda p: (p[1], p[0])))]
     ordered = sorted(s)
-    steps = [" ".join(s), " ".join(ordered)]
     return rng.choice(SORT_PROMPTS).format(s=s), steps, "".join(ordered)
 
 
@@ -452,7 +488,7 @@ REPEAT_PROMPTS = ("Repeat '{w}' {k} times", "Repeat '{w}' {k} times", "Say '{w}'
 
 def _text_repeat(rng):
     w, k = _word(rng), rng.randint(1, 6)
-    steps = [" ".join(f"{i}:{w}" for i in range(1, k + 1))]
+    steps = [_indexed(enumerate(w, start=1)), " ".join(f"{i}:{w}" for i in range(1, k + 1))]
     return rng.choice(REPEAT_PROMPTS).format(w=w, k=k), steps, " ".join([w] * k)
 
 
@@ -462,7 +498,7 @@ UPPER_PROMPTS = ("Convert '{w}' to uppercase", "Convert '{w}' to uppercase", "Wr
 
 def _uppercase(rng):
     w = _word(rng)
-    steps = [" ".join(f"{ch}:{ch.upper()}" for ch in w)]
+    steps = [" ".join(f"{i}{ch}:{ch.upper()}" for i, ch in enumerate(w, start=1))]  # numbered, as reversal
     return rng.choice(UPPER_PROMPTS).format(w=w), steps, w.upper()
 
 

@@ -50,7 +50,7 @@ def check_equations(line: str) -> None:
     for x, op, y, op2, z, v, r in EQUATION.findall(line):
         x, y, v = int(x), int(y), int(v)
         if op == "/":
-            assert (x // y, x % y) == (v, int(r)), line
+            assert x // y == v and (r == "" or x % y == int(r)), line  # "x/n=q rR" or "x/n=q x-m=R"
             continue
         value = {"*": x * y, "+": x + y, "-": x - y}[op]
         if op2:
@@ -68,12 +68,32 @@ def column_result(line: str) -> int:
     return written
 
 
+def check_comparison(line: str) -> bool:
+    """A subtraction's first line "a?b: 7=7 2<5 so a<b so -(b-a)": the digit pairs are a's and b's
+    (zero-padded) from the left up to the first that differ, each sign right, and the verdict
+    follows from them. Returns whether it says a < b."""
+    head, rest = line.split(": ", 1)
+    a, b = head.split("?")
+    width = max(len(a), len(b))
+    pairs = rest.split(" so ")[0].split()
+    for k, pair in enumerate(pairs):
+        x, sign, y = pair
+        assert (x, y) == (a.zfill(width)[k], b.zfill(width)[k]), line
+        assert sign == ("=" if x == y else "<" if x < y else ">"), line
+        assert sign == "=" or k == len(pairs) - 1, line  # it stops at the first pair that differs
+    assert pairs[-1][1] != "=" or len(pairs) == width, line
+    less = pairs[-1][1] == "<"
+    assert less == (int(a) < int(b))
+    assert rest.endswith(f"so {a}<{b} so -({b}-{a})" if less else f"so {a}>={b}"), line
+    return less
+
+
 def arithmetic_value(steps) -> int:
     """Execute an arithmetic scratchpad: check each line, return the number it ends on (signed)."""
     for line in steps:
         check_equations(line)
     value = column_result(steps[-1])
-    if " so -(" in steps[0]:
+    if "?" in steps[0] and check_comparison(steps[0]):
         value = -value
     return value
 
@@ -102,9 +122,12 @@ def test_unit_cost(records):
         n, t = numbers(r["prompt"])
         assert r["final_answer"] == f"${round(t / n, 2)}", r["prompt"]
         steps = steps_of(r)
-        check_equations(steps[0])
-        quotient = int("".join(re.findall(r"=(\d+) r", steps[0])))  # the quotient digits, in order
-        assert steps[1].startswith(f"={quotient // 1000}.{quotient % 1000:03d} r")
+        assert steps[0] == f"{n}: " + " ".join(f"{k}:{k * n}" for k in range(1, 10))  # n's multiples
+        check_equations(steps[1])
+        columns = re.findall(r"(\d+)/\d+=(\d+) (\d+)-(\d+)=(\d+)", steps[1])
+        assert all(x == y and int(m) == int(q) * n for x, q, y, m, _ in columns), steps[1]  # x - q*n
+        quotient = int("".join(q for _, q, _, _, _ in columns))  # the quotient digits, in order
+        assert steps[2].startswith(f"={quotient // 1000}.{quotient % 1000:03d} r")
         rounded = steps[-1].rsplit("=", 1)[-1] if "+0.01=" in steps[-1] else steps[-1].split(": ")[1]
         assert "$" + str(float(rounded)) == r["final_answer"]
 
@@ -129,8 +152,9 @@ def test_logic(records):
         cls = re.search(r"[Aa]ll (\w+) are", r["prompt"]).group(1)
         said = re.search(r"which is a (\w+)", r["prompt"]).group(1)
         assert r["final_answer"] == ("Yes" if said == cls[:-1] else "No")
-        left, sign, right = steps_of(r)[0].split()
-        assert (left, right) == (said, cls[:-1]) and (sign == "=") == (r["final_answer"] == "Yes")
+        left, right, verdict = steps_of(r)[0].split()
+        assert (left, right) == (said, cls[:-1] + ":")
+        assert verdict == ("same" if r["final_answer"] == "Yes" else "different")
 
 
 def quoted(prompt):
@@ -152,21 +176,27 @@ def test_string_sort(records):
         letters = re.search(r"[A-Z]{3,}", r["prompt"]).group(0)
         assert r["final_answer"] == "".join(sorted(letters))
         spelled, ordered = steps_of(r)
-        assert spelled.split() == list(letters) and "".join(ordered.split()) == r["final_answer"]
+        assert spelled == " ".join(f"{i}{c}" for i, c in enumerate(letters, 1))
+        assert sorted(ordered.split()) == sorted(spelled.split())  # the same numbered letters
+        assert "".join(tok.lstrip("0123456789") for tok in ordered.split()) == r["final_answer"]
 
 
 def test_text_repeat(records):
     for r in by_family(records, "text_repeat"):
         w, k = quoted(r["prompt"]), numbers(r["prompt"])[0]
         assert r["final_answer"] == " ".join([w] * k)
-        assert steps_of(r)[0].split() == [f"{i}:{w}" for i in range(1, k + 1)]
+        spelled, copies = steps_of(r)
+        assert spelled == " ".join(f"{i}{c}" for i, c in enumerate(w, 1))
+        assert copies.split() == [f"{i}:{w}" for i in range(1, k + 1)]
 
 
 def test_uppercase(records):
     for r in by_family(records, "uppercase"):
         w = quoted(r["prompt"])
         assert r["final_answer"] == w.upper()
-        assert "".join(pair.split(":")[1] for pair in steps_of(r)[0].split()) == r["final_answer"]
+        pairs = [pair.split(":") for pair in steps_of(r)[0].split()]
+        assert [low for low, _ in pairs] == [f"{i}{c}" for i, c in enumerate(w, 1)]
+        assert "".join(up for _, up in pairs) == r["final_answer"]
 
 
 def test_word_count(records):

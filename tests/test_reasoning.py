@@ -259,8 +259,9 @@ def test_single_char_letters_spell_every_word():
 # ------------------------------------------------------------------ the project, end to end
 TINY_REASONING = {
     "data.train": [{"generator": "reasoning", "n": 800, "seed": 1}],
-    "data.eval": [{"generator": "reasoning", "n": 26, "seed": 2}],
-    "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64, "model.max_seq_len": 256,
+    # two items of each family, so every family's metric exists whatever the generator's draws
+    "data.eval": [{"generator": "reasoning", "n": 2, "seed": 2, "options": {"families": [f]}} for f in FAMILIES],
+    "model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 64, "model.max_seq_len": 320,
     "train.steps": 40, "train.batch_size": 16, "train.learning_rate": 0.01, "train.eval_every": 0,
     "train.checkpoint_every": 0, "generation.max_new_tokens": 16,
 }

@@ -284,7 +284,7 @@ def division_steps(total: int, n: int) -> tuple[list[str], int]:
     Returns (steps, the result in hundredths)."""
     # n's multiples first ("1:7 2:14 ... 9:63"): each column then looks its quotient digit up as the
     # largest multiple <= the column's number instead of recalling x // n for n up to 25.
-    multiples = f"{n}: " + " ".join(f"{k}:{n * k}" for k in range(1, 10))  # the largest one <= x, then x minus it
+    multiples = f"{n}: " + " ".join(f"{k}:{n * k}" for k in range(1, 10))
     cols, r = [], 0
     digits = list(map(int, str(total))) + [0, 0, 0]
     q = 0

@@ -108,6 +108,11 @@ Cache = list[dict[str, jax.Array]]
 # from producing NaNs: its softmax is merely uniform, and its output is never used.
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
+# causal_attention's query blocks (see there): a row of T positions is split into blocks of
+# max(QUERY_BLOCK, T / MAX_QUERY_BLOCKS) queries.
+QUERY_BLOCK = 64
+MAX_QUERY_BLOCKS = 8
+
 
 # Set while build_model fills a model with given weights: the big matrices start as np.empty, which
 # the OS backs with memory only when written (never: each is replaced), so a streamed checkpoint is
@@ -185,11 +190,34 @@ class Attention(nnx.Module):
         if K != H:
             # Grouped-query attention: each key/value head serves H // K query heads (HF's repeat_kv).
             k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None], scores / math.sqrt(Dh), _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B * T, H * Dh)
+        out = causal_attention(q, k, v, mask).reshape(B * T, H * Dh)
         return out @ self.wo, new_cache
+
+
+def query_block(T: int) -> int:
+    """Queries per block of causal_attention: QUERY_BLOCK, or more for long rows (at most
+    MAX_QUERY_BLOCKS blocks, so a long row does not unroll into many small matmuls)."""
+    return max(QUERY_BLOCK, -(-T // MAX_QUERY_BLOCKS))
+
+
+def causal_attention(q, k, v, mask):
+    """Attention of q over k, v (all [B, T, H, Dh]) under mask [B, T, T] (causal, so query t never
+    sees a key after t): queries go in blocks, each over the keys up to its own end only. The keys
+    after a block are masked for all of its queries, so skipping them changes no real output
+    (a fully masked padding query averages over fewer keys; it is never used). Measured on the
+    `reasoning` project's packed rows (288 wide, 2 cores): a train step 0.82 -> 0.63 s with blocks
+    of 64 or 96 (the work is ~(1 + 1/n)/2 of the full square for n blocks, and each block's scores
+    stay in cache)."""
+    B, T, H, Dh = q.shape
+    block = query_block(T)
+    outs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        scores = jnp.einsum("bthd,bshd->bhts", q[:, start:end], k[:, :end], preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, start:end, :end], scores / math.sqrt(Dh), _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bhts,bshd->bthd", probs, v[:, :end]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def cached_attention(q, k, v, mask, layer_cache, cache_index):

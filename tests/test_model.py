@@ -37,6 +37,30 @@ def test_changing_a_future_token_leaves_earlier_logits_alone(model):
     assert np.abs(before[:, 8:] - after[:, 8:]).max() > 1e-4
 
 
+def test_query_blocks_give_the_logits_of_one_full_square(monkeypatch):
+    """causal_attention splits the queries into blocks, each over the keys up to its end: on packed
+    rows (two segments, then padding) the real positions' logits equal those of one block."""
+    from mlflow_tunix import model as model_module
+
+    config = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=256)
+    net = build_model(config, seed=0)
+    T = 200
+    tokens = random_tokens((2, T), seed=5)
+    segments = np.zeros((2, T), np.int32)
+    segments[0, :120], segments[0, 120:190] = 1, 2
+    segments[1, :150] = 1
+    positions = np.zeros((2, T), np.int32)
+    positions[0, :120], positions[0, 120:190], positions[1, :150] = np.arange(120), np.arange(70), np.arange(150)
+    args = (tokens, jnp.asarray(positions))
+    assert model_module.query_block(T) < T  # several blocks
+    blocked = np.asarray(model_module.Transformer.__call__(net, *args, segment_ids=jnp.asarray(segments)))
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", T)
+    whole = np.asarray(model_module.Transformer.__call__(net, *args, segment_ids=jnp.asarray(segments)))
+    real = segments > 0
+    np.testing.assert_allclose(blocked[real], whole[real], atol=1e-5)
+    assert np.abs(blocked[real]).max() > 1e-3
+
+
 def test_flat_params_names_and_count(model):
     params = flat_params(model)
     d, f, V, L = TINY.d_model, TINY.d_ff, TINY.vocab_size, TINY.n_layers

@@ -392,19 +392,9 @@ def _arithmetic(rng):
     return rng.choice(ARITHMETIC_PROMPTS).format(a=a, op=op, b=b), steps, str(answer)
 
 
-# (members, plural of the class, the wider class): "all fish are animals"
-KINDS = (
-    (("goldfish", "salmon", "trout", "shark", "tuna"), "fish", "animals"),
-    (("poodle", "beagle", "terrier", "collie", "husky"), "dogs", "mammals"),
-    (("sparrow", "robin", "eagle", "parrot", "crow"), "birds", "animals"),
-    (("rose", "tulip", "daisy", "lily", "orchid"), "flowers", "plants"),
-    (("oak", "pine", "maple", "birch", "cedar"), "trees", "plants"),
-    (("sedan", "truck", "van", "taxi", "jeep"), "cars", "vehicles"),
-    (("cobra", "python", "viper", "adder", "mamba"), "snakes", "reptiles"),
-    (("apple", "mango", "pear", "plum", "lemon"), "fruits", "foods"),
-    (("siamese", "persian", "tabby", "bengal", "sphynx"), "cats", "pets"),
-    (("hammer", "wrench", "saw", "drill", "chisel"), "tools", "objects"),
-)
+# (plural of the class, the wider class): "all fish are animals"
+KINDS = (("fish", "animals"), ("dogs", "mammals"), ("birds", "animals"), ("flowers", "plants"), ("trees", "plants"),
+         ("cars", "vehicles"), ("snakes", "reptiles"), ("fruits", "foods"), ("cats", "pets"), ("tools", "objects"))
 LOGIC_PROMPTS = ("If all {cls} are {wider}, and this is a {x} (which is a {c}), is it {w}?",
                  "If all {cls} are {wider}, and this is a {x} (which is a {c}), is it {w}?",
                  "All {cls} are {wider}. This is a {x} (which is a {c}). Is it {w}?",
@@ -413,24 +403,23 @@ LOGIC_PROMPTS = ("If all {cls} are {wider}, and this is a {x} (which is a {c}), 
 
 def _logic(rng):
     """tunix-rt's syllogism ("...which is a fis), is it animal?": it cuts the last letter of the
-    plurals). Yes when the thing belongs to the class of the premise, No when it belongs to another.
+    plurals). Yes when the thing's class is the premise's, No when it is another.
     Half the classes are made-up words ("all zorbs are things"), so the answer comes from comparing
     the two names, and Yes prompts are as many and as varied as No ones."""
     if rng.random() < 0.5:
-        members, cls, wider = rng.choice(KINDS)
-        other = rng.choice([k for k in KINDS if k[1] != cls and k[2] != wider])
-        other = (other[0], other[1][:-1])
+        cls, wider = rng.choice(KINDS)
+        other = rng.choice([k for k in KINDS if k[0] != cls and k[1] != wider])[0][:-1]
     else:
-        cls, wider = _word(rng) + "s", rng.choice(KINDS)[2]
-        members = (_word(rng),)
-        other_name = _word(rng)
-        other = ((_word(rng),), other_name if other_name != cls[:-1] else other_name + "x")
-    if rng.random() < 0.5:
-        x, c, answer = rng.choice(members), cls[:-1], "Yes"
-    else:
-        x, c, answer = rng.choice(other[0]), other[1], "No"
-    if rng.random() < 0.5:  # the thing's own name does not decide: any word will do
-        x = _word(rng)
+        # The class is a made-up word whose last letter is cut for the thing's class, as tunix-rt
+        # cuts it from "fish" ("which is a fis"): an "s" only half the time, so the model compares
+        # with the class minus its last letter, not minus an "s".
+        cls, wider = _word(rng) + ("s" if rng.random() < 0.5 else rng.choice(LETTERS)), rng.choice(KINDS)[1]
+        other = _word(rng)
+        other = other if other != cls[:-1] else other + "x"
+    c, answer = (cls[:-1], "Yes") if rng.random() < 0.5 else (other, "No")
+    # The thing's own name does not decide, so it is any word: with members of the classes as
+    # things ("goldfish", "poodle"), models said "fis fis: different" for a goldfish, "same" for "zzz".
+    x = _word(rng)
     # both names first, then the verdict: the model compares two words it has just written
     steps = [f"{c} {cls[:-1]}: {'same' if answer == 'Yes' else 'different'}"]
     prompt = rng.choice(LOGIC_PROMPTS).format(cls=cls, wider=wider, x=x, c=c, w=wider[:-1])
@@ -473,12 +462,27 @@ SORT_PROMPTS = ("Sort these characters alphabetically: {s}", "Sort these charact
                 "Sort the letters {s} in alphabetical order.", "Arrange these letters alphabetically: {s}")
 
 
+def alphabet_scan(s: str) -> str:
+    """Sorting as a walk through the alphabet: every letter is written, followed by "-" when ``s``
+    does not hold it, or by a running number once per time it does ("A- B- C1 D- E2 E3 ...").
+    Each entry is one lookup (is this letter in the prompt, and once more?), where choosing the
+    smallest remaining letter in one step was never learned (0.04 on tunix-rt's 27 items)."""
+    out, k = [], 0
+    for letter in LETTERS.upper():
+        times = s.count(letter)
+        if not times:
+            out.append(f"{letter}-")
+        for _ in range(times):
+            k += 1
+            out.append(f"{letter}{k}")
+    return " ".join(out)
+
+
 def _string_sort(rng):
     s = "".join(rng.choice(LETTERS.upper()) for _ in range(rng.randint(3, 9)))
-    spelled = list(enumerate(s, start=1))
-    # each letter keeps its place number, so equal letters stay apart and each is copied by number
-    steps = [_indexed(spelled), _indexed(sorted(spelled, key=lambda p: (p[1], p[0])))]
     ordered = sorted(s)
+    # the scan, then the letters it found by their running numbers (copied by number, as reversal)
+    steps = [alphabet_scan(s), _indexed(enumerate(ordered, start=1))]
     return rng.choice(SORT_PROMPTS).format(s=s), steps, "".join(ordered)
 
 

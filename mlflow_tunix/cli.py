@@ -538,8 +538,8 @@ def huge_pages_environment(environ=os.environ) -> dict | None:
     Why: XLA on CPU allocates a step's temporaries afresh each step and glibc hands big blocks back
     to the kernel when freed, so every step faults in hundreds of MB again page by page (~110 k page
     faults per step of the `reasoning` project, 30-50 % of its wall time in the kernel on the shared
-    2-core machines here). With 2 MB pages that is ~700 faults; measured per step: 1.35-1.96 s ->
-    0.55-0.68 s (benchmarks/bench_train_step.py --huge-pages compares both in one run). The
+    2-core machines here). With 2 MB pages that is ~700 faults: 200 real `reasoning` steps took 204 s
+    instead of 272 s (benchmarks/bench_huge_pages.py measures both sides on the machine at hand). The
     tunable is read only when a process starts, hence the re-run."""
     if sys.platform != "linux" or environ.get("MLFLOW_TUNIX_HUGE_PAGES", "1") == "0":
         return None

@@ -316,13 +316,19 @@ def check_twin(workdir: Path) -> dict:
 class Config:
     """A thread configuration of one side: one or more worker processes run at the same time."""
 
-    def __init__(self, name: str, side: str, cpu_sets: list[list[int]], workdir: Path):
-        self.name, self.side, self.times, self.procs = name, side, [], []
+    def __init__(self, name: str, side: str, cpu_sets: list[list[int]], workdir: Path, tuned_malloc: bool = False):
+        from mlflow_tunix.cli import malloc_environment
+
+        self.name, self.side, self.times, self.procs = name + ("+m" if tuned_malloc else ""), side, [], []
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("GLIBC_TUNABLES", None)  # each configuration says its own malloc
+        if tuned_malloc:  # glibc's malloc as `mlflow-tunix` runs itself (cli.entry), for both sides alike
+            env = malloc_environment(env) or env
         for cpus in cpu_sets:
             self.procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--worker", side, "--cpus", ",".join(map(str, cpus)), "--data", str(workdir)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-                env={**os.environ, "PYTHONPATH": str(REPO)}))
+                env=env))
         self.ready = [json.loads(p.stdout.readline()) for p in self.procs]
 
     def run(self, steps: int) -> None:
@@ -346,6 +352,10 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-' for stdout)")
     parser.add_argument("--no-torch", action="store_true", help="measure our side only")
     parser.add_argument("--configs", default="1t,Nt,per-core", help="thread configurations (default 1t,Nt,per-core)")
+    parser.add_argument("--malloc", choices=("default", "tuned", "both"), default="both",
+                        help="glibc malloc of the workers, the same for both sides: 'default' (glibc's defaults), "
+                             "'tuned' (the GLIBC_TUNABLES `mlflow-tunix` runs itself with: one arena, big blocks kept, "
+                             "huge pages) or 'both' (every configuration twice, '+m' names the tuned one; the default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cpus", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -364,7 +374,7 @@ def main():
     why = "--no-torch given" if args.no_torch else have_torch()
     sides = ["jax"] + ([] if why else ["torch-eager", "torch-sdpa"])
     result = {"batch_shape": [B, L], "model_gflop_per_step": flops / 1e9, "cores": len(cores),
-              "load_before": os.getloadavg(), "rounds": args.rounds, "steps_per_round": args.steps, "configs": {}}
+              "load_before": os.getloadavg(), "rounds": args.rounds, "steps_per_round": args.steps, "malloc": args.malloc, "configs": {}}
     if why:
         print(f"PyTorch twin skipped: {why} (install a CPU torch, e.g. `pip install torch==2.13.0`, to compare)")
     else:
@@ -382,7 +392,8 @@ def main():
     for side in sides:
         for name in args.configs.split(","):
             print(f"starting {side} {name} ...", flush=True)
-            configs.append(Config(name, side, cpu_sets[name], workdir))
+            for tuned in {"default": [False], "tuned": [True], "both": [False, True]}[args.malloc]:
+                configs.append(Config(name, side, cpu_sets[name], workdir, tuned))
     for r in range(args.rounds):
         order = configs[r % len(configs):] + configs[: r % len(configs)]  # who goes first rotates
         for c in order:

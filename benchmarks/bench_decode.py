@@ -3,12 +3,20 @@
     PYTHONPATH=. python benchmarks/bench_decode.py               # scaling with the batch
     PYTHONPATH=. python benchmarks/bench_decode.py --compile     # cold vs warm persistent cache
     PYTHONPATH=. python benchmarks/bench_decode.py --naive       # also the KV cache vs re-encoding
+    PYTHONPATH=. python benchmarks/bench_decode.py --parts       # where one decode step's time goes
 
 Scaling: every batch size decodes greedily, with no stop tokens (so every row runs max_new_tokens),
 prompts of 16-48 tokens, on a ~1M-parameter model. Rounds are interleaved (batch 1, 8, 64, 256,
 then again) so that load from other processes falls on every size alike; each round times enough
 calls to decode at least 256 rows. Prints min/median/max tokens/s (new tokens only, prefill
 included in the time) and the median's ratio to batch 1.
+
+Parts: one decode step at each batch size (the model called on one token with a KV cache of 48 + 64 slots,
+as the decode loop calls it), beside its two big parts timed alone with the same shapes: the matmuls of
+every layer and the vocabulary projection (on [B, d] activations), and the cached attention of every layer
+(model.cached_attention: the cache write and both attention matmuls). Per-step microseconds, medians of
+--rounds; the last column is the tokens/s the step allows. A part's time alone bounds what batching can
+reach: at batch 256 the attention reads the whole float32 cache of every layer each step.
 
 Compile: per round and mode, two fresh processes on one empty persistent cache directory (the way
 pipeline.setup_jax enables it), "cold" then "warm"; each times its first generate_ids call (trace +
@@ -116,6 +124,85 @@ def scaling(args) -> dict:
     return result
 
 
+def parts(args) -> dict:
+    from mlflow_tunix.model import cached_attention
+
+    config = dataclasses.replace(CONFIG, n_layers=args.layers)
+    model = build_model(config, seed=0)
+    graphdef, state = nnx.split(model)
+    d, f, L, H, K, Dh = (config.d_model, config.d_ff, config.n_layers, config.n_heads, config.n_kv_heads,
+                         config.head_dim)
+    P, S = 48, 48 + args.new_tokens
+    print(f"model: {param_count(model):,} params, {L} layers; a KV cache of {S} slots (prompt {P} + {args.new_tokens})")
+
+    n = args.new_tokens  # every part runs n times inside one while loop, as the decode loop runs its step
+
+    @jax.jit
+    def step(state, token, cache, kv_mask):  # n decode steps, as generate's loop makes them
+        model = nnx.merge(graphdef, state)
+
+        def body(i, carry):
+            token, cache = carry
+            logits, cache = model(token, jnp.full(token.shape, P, jnp.int32) + i, cache=cache, cache_index=P + i,
+                                  kv_mask=kv_mask)
+            return jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32), cache
+
+        return jax.lax.fori_loop(0, n, body, (token, cache))[0]
+
+    @jax.jit
+    def matmuls(x, ws, emb):  # the same matmuls on [B, d]: q, k, v, o, gate, up, down per layer, then the vocabulary
+        def body(i, x):
+            for wq, wk, wv, wo, w1, w3, w2 in ws:
+                x = x + ((x @ wq) + jnp.pad(x @ wk, ((0, 0), (0, d - wk.shape[1])))
+                         + jnp.pad(x @ wv, ((0, 0), (0, d - wv.shape[1])))) @ wo
+                x = x + (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
+            return x + (x @ emb.T)[:, :d] * 1e-3
+        return jax.lax.fori_loop(0, n, body, x)
+
+    @jax.jit
+    def attention(q, kv, caches, mask):  # every layer's cached attention (write, scores, softmax, values)
+        def body(i, carry):
+            q, caches = carry
+            new = []
+            for cache in caches:
+                q, cache = cached_attention(q, kv, kv, mask, cache, P + i)
+                new.append(cache)
+            return q, new
+        return jax.lax.fori_loop(0, n, body, (q, caches))[0]
+
+    def median_us(fn, *a):
+        jax.block_until_ready(fn(*a))
+        times = []
+        for _ in range(max(args.rounds, 5) * 4):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6 / n  # per step
+
+    rng = np.random.RandomState(0)
+    ws = [tuple(jnp.asarray(rng.randn(*shape).astype(np.float32) * 0.02) for shape in
+                ((d, H * Dh), (d, K * Dh), (d, K * Dh), (d, d), (d, f), (d, f), (f, d))) for _ in range(L)]
+    emb = jnp.asarray(rng.randn(config.vocab_size, d).astype(np.float32) * 0.02)
+    result = {}
+    print(f"{'batch':>6} {'step us':>9} {'matmuls us':>11} {'attention us':>13} {'rest us':>8} {'step tokens/s':>14}")
+    for b in args.batches:
+        cache = model.init_cache(b, S)
+        kv_mask = jnp.ones((b, S), bool)
+        token = jnp.asarray(rng.randint(1, config.vocab_size, (b, 1)).astype(np.int32))
+        t_step = median_us(step, state, token, cache, kv_mask)
+        t_mm = median_us(matmuls, jnp.asarray(rng.randn(b, d).astype(np.float32)), ws, emb)
+        q = jnp.asarray(rng.randn(b, 1, H, Dh).astype(np.float32))
+        kv = jnp.asarray(rng.randn(b, 1, K, Dh).astype(np.float32))
+        t_att = median_us(attention, q, kv, cache, jnp.ones((b, 1, S), bool))
+        result[b] = {"step_us": t_step, "matmuls_us": t_mm, "attention_us": t_att, "tokens_per_sec": b / t_step * 1e6}
+        print(f"{b:>6} {t_step:>9.0f} {t_mm:>11.0f} {t_att:>13.0f} {t_step - t_mm - t_att:>8.0f} {b / t_step * 1e6:>14,.0f}")
+    base = result[args.batches[0]]["tokens_per_sec"]
+    last = args.batches[-1]
+    print(f"batch {last} / batch {args.batches[0]} per step: x{result[last]['tokens_per_sec'] / base:.2f}; matmuls and "
+          f"attention alone at batch {last} allow x{last / (result[last]['matmuls_us'] + result[last]['attention_us']) * 1e6 / base:.2f}")
+    return result
+
+
 def first_calls(args) -> dict:
     """In this process: seconds of the first and second generate_ids calls (the --compile child)."""
     from mlflow_tunix.pipeline import setup_jax
@@ -175,6 +262,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are over these)")
     parser.add_argument("--naive", action="store_true", help="also compare with naive re-encoding at batch 32")
     parser.add_argument("--compile", action="store_true", help="measure cold vs warm compile instead of scaling")
+    parser.add_argument("--parts", action="store_true",
+                        help="time one decode step per batch size beside its matmuls and its attention alone")
     parser.add_argument("--compile-rounds", type=int, default=3)
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -184,7 +273,7 @@ def main():
     if args.child:
         print(json.dumps(first_calls(args)))
         return
-    result = compile_times(args) if args.compile else scaling(args)
+    result = compile_times(args) if args.compile else parts(args) if args.parts else scaling(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

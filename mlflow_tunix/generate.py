@@ -29,6 +29,9 @@ from mlflow_tunix.errors import ConfigError, InputError
 # Prompt lengths are rounded up to a multiple of this, so that prompts of similar length share
 # one compiled function.
 PROMPT_BUCKET = 16
+# What one batch's prefill may hold at once (its attention scores and logits), in bytes: a batch whose
+# longest prompt would take more runs as several smaller ones (see _rows_within).
+PREFILL_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ def generate_ids(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = False,
+    prefill_bytes: int = PREFILL_BYTES,
 ) -> list[list[int]]:
     """New tokens for each prompt, cut after the first stop token (the stop token is kept).
 
@@ -99,42 +103,69 @@ def generate_ids(
     results: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), rows), desc="generate", unit="batch", disable=not progress):
         chunk = prompts[start : start + rows]
-        longest = max(len(p) for p in chunk)
-        # Round up for reuse, but never past what the KV cache may hold.
-        prompt_len = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, config.max_seq_len - max_new_tokens)
-
-        tokens = np.full((rows, prompt_len), pad_id, np.int32)
-        prompt_mask = np.zeros((rows, prompt_len), bool)
-        live = np.zeros((rows,), bool)
-        for i, p in enumerate(chunk):
-            tokens[i, prompt_len - len(p) :] = p
-            prompt_mask[i, prompt_len - len(p) :] = True
-            live[i] = True
-        # Dummy rows hold one pad token so that no row is fully masked; they start "done".
-        prompt_mask[len(chunk) :, -1] = True
-        row_ids = np.arange(start, start + rows, dtype=np.int32)
-
-        # NumPy arguments, not jnp ones: each jnp.asarray/jnp.int32 here was an eager op that a new
-        # process compiled again (too small for the persistent cache), ~0.3 s of every first call.
-        out = _decode(
-            graphdef,
-            state,
-            tokens,
-            prompt_mask,
-            live,
-            row_ids,
-            np.asarray(stop, np.int32),
-            np.int32(pad_id),
-            np.float32(max(temperature, 1e-6)),
-            np.uint32(seed % 2**32),  # any Python int is a valid seed
-            max_new_tokens=max_new_tokens,
-            greedy=temperature == 0,
-            top_k=top_k,
-        )
-        out = np.asarray(out)
-        for i in range(len(chunk)):
-            results.append(_cut_after_stop(out[i].tolist(), stop))
+        # One very long prompt pads every row of its batch to its length: such a batch runs in
+        # pieces of fewer rows, each padded to its own longest prompt (the tokens are the same).
+        fit = _rows_within(config, _prompt_len(chunk, config, max_new_tokens), max_new_tokens, rows, prefill_bytes)
+        for offset in range(0, len(chunk), fit):
+            piece = chunk[offset : offset + fit]
+            out = _run_batch(graphdef, state, piece, fit, start + offset, config, max_new_tokens, pad_id, stop,
+                             temperature, top_k, seed)
+            results.extend(_cut_after_stop(out[i].tolist(), stop) for i in range(len(piece)))
     return results
+
+
+def _prompt_len(chunk, config, max_new_tokens: int) -> int:
+    """The padded prompt length of a batch: its longest prompt rounded up for reuse, but never past
+    what the KV cache may hold."""
+    longest = max(len(p) for p in chunk)
+    return min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, config.max_seq_len - max_new_tokens)
+
+
+def _rows_within(config, prompt_len: int, max_new_tokens: int, rows: int, budget: int) -> int:
+    """The rows (a power of two, at most ``rows``, at least 1) whose prefill at ``prompt_len`` keeps
+    one layer's attention scores [rows, heads, prompt_len, cache] and the logits [rows, prompt_len,
+    vocab] (float32) within ``budget`` bytes. (dev-reasoning-v2 has a 1410-token prompt: with 128 rows
+    its scores alone were ~5 GB a layer and the evaluation peaked at 13 GB.)"""
+    per_row = 4 * prompt_len * (config.n_heads * (prompt_len + max_new_tokens) + config.vocab_size)
+    fit = rows
+    while fit > 1 and fit * per_row > budget:
+        fit //= 2
+    return fit
+
+
+def _run_batch(graphdef, state, chunk, rows, start, config, max_new_tokens, pad_id, stop, temperature, top_k, seed):
+    """Token ids [rows, max_new_tokens] for the prompts of chunk (at most rows; the rest are dummy
+    rows), prompt i keyed as prompt start + i for sampling."""
+    prompt_len = _prompt_len(chunk, config, max_new_tokens)
+    tokens = np.full((rows, prompt_len), pad_id, np.int32)
+    prompt_mask = np.zeros((rows, prompt_len), bool)
+    live = np.zeros((rows,), bool)
+    for i, p in enumerate(chunk):
+        tokens[i, prompt_len - len(p) :] = p
+        prompt_mask[i, prompt_len - len(p) :] = True
+        live[i] = True
+    # Dummy rows hold one pad token so that no row is fully masked; they start "done".
+    prompt_mask[len(chunk) :, -1] = True
+    row_ids = np.arange(start, start + rows, dtype=np.int32)
+
+    # NumPy arguments, not jnp ones: each jnp.asarray/jnp.int32 here was an eager op that a new
+    # process compiled again (too small for the persistent cache), ~0.3 s of every first call.
+    out = _decode(
+        graphdef,
+        state,
+        tokens,
+        prompt_mask,
+        live,
+        row_ids,
+        np.asarray(stop, np.int32),
+        np.int32(pad_id),
+        np.float32(max(temperature, 1e-6)),
+        np.uint32(seed % 2**32),  # any Python int is a valid seed
+        max_new_tokens=max_new_tokens,
+        greedy=temperature == 0,
+        top_k=top_k,
+    )
+    return np.asarray(out)
 
 
 def _cut_after_stop(ids: list[int], stop: tuple[int, ...]) -> list[int]:

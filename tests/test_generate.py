@@ -82,6 +82,18 @@ def test_batching_does_not_change_greedy_output(model, prompts, greedy):
     assert generate_ids(model, prompts, max_new_tokens=10, pad_id=PAD, stop_ids=[], batch_size=2) == greedy
 
 
+def test_a_batch_over_the_prefill_budget_runs_in_pieces_with_the_same_tokens(model, prompts, greedy):
+    # One long prompt pads every row of its batch: dev-reasoning-v2's 1410-token prompt made a batch
+    # of 128 rows need ~5 GB of attention scores a layer. Over the budget, fewer rows per piece.
+    shape = ModelConfig(vocab_size=284, d_model=128, n_layers=2, n_heads=4, d_ff=384, max_seq_len=2048)
+    assert generate._rows_within(shape, 1424, 320, 128, generate.PREFILL_BYTES) == 16
+    assert generate._rows_within(shape, 112, 320, 128, generate.PREFILL_BYTES) == 128  # usual batches unchanged
+    assert generate._rows_within(TINY, 32, 10, 8, 1) == 1
+    # every row alone (each padded to its own length): the same greedy tokens and the same samples
+    assert generate_ids(model, prompts, max_new_tokens=10, pad_id=PAD, stop_ids=[], prefill_bytes=1) == greedy
+    assert sample(model, prompts, seed=7, prefill_bytes=1) == sample(model, prompts, seed=7)
+
+
 def test_stop_token_cuts_output_and_is_kept(model, prompts, greedy):
     stop = greedy[3][4]
     out = generate_ids(model, prompts, max_new_tokens=10, pad_id=PAD, stop_ids=[stop])

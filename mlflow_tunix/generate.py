@@ -122,7 +122,7 @@ def _prompt_len(chunk, config, max_new_tokens: int) -> int:
 
 
 def _rows_within(config, prompt_len: int, max_new_tokens: int, rows: int, budget: int) -> int:
-    """The rows (a power of two, at most ``rows``, at least 1) whose prefill at ``prompt_len`` keeps
+    """The rows (``rows`` halved until it fits, at least 1) whose prefill at ``prompt_len`` keeps
     one layer's attention scores [rows, heads, prompt_len, cache] and the logits [rows, prompt_len,
     vocab] (float32) within ``budget`` bytes. (dev-reasoning-v2 has a 1410-token prompt: with 128 rows
     its scores alone were ~5 GB a layer and the evaluation peaked at 13 GB.)"""

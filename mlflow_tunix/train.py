@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec
 
 from mlflow_tunix import distributed, lora
 from mlflow_tunix.checkpoint import Checkpoints, StopOnSignal, TrainingInterrupted, arrays_digest, state_signature
@@ -308,9 +310,10 @@ def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, C
     return tx, schedule
 
 
-def completion_loss(graphdef, params, tokens, loss_mask, positions=None, segment_ids=None):
+def completion_loss(graphdef, params, tokens, loss_mask, positions=None, segment_ids=None, count=None):
     """Mean next-token cross-entropy over completion targets; prompt and padding weigh nothing.
-    With ``segment_ids`` (a packed batch) each example attends only to itself, at its own ``positions``."""
+    With ``segment_ids`` (a packed batch) each example attends only to itself, at its own ``positions``.
+    ``count`` (the data-parallel step's) divides instead of this batch's own number of targets."""
     model = nnx.merge(graphdef, params)
     if segment_ids is None:
         logits = model(tokens[:, :-1])
@@ -318,7 +321,7 @@ def completion_loss(graphdef, params, tokens, loss_mask, positions=None, segment
         logits = model(tokens[:, :-1], positions[:, :-1], segment_ids=segment_ids[:, :-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
     mask = loss_mask[:, 1:]
-    return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return (ce * mask).sum() / jnp.maximum(mask.sum() if count is None else count, 1.0)
 
 
 def train_step(graphdef, tx, state: TrainState, batch, base=None, lora_scale: float = 0.0) -> tuple[TrainState, dict]:
@@ -331,9 +334,47 @@ def train_step(graphdef, tx, state: TrainState, batch, base=None, lora_scale: fl
                                batch.get("segment_ids"))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return _apply(tx, state, loss, grads)
+
+
+def _apply(tx, state: TrainState, loss, grads) -> tuple[TrainState, dict]:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state), {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def data_parallel_step(graphdef, tx, mesh, axis: str, lora_scale: float = 0.0) -> Callable:
+    """``train_step`` for a batch split on its rows over ``mesh`` (the state and ``base`` replicated),
+    written out with ``shard_map``: each device takes the loss of its rows over the whole batch's
+    number of completion targets, and the gradients are summed over the devices as **one flat
+    vector**. Left to jit's partitioner, the same step all-reduced a tuple of every parameter's
+    gradient, which gloo (CPU) sends one array after another: the all-reduce alone took ~70 ms of
+    a 165 ms step for two processes (the step itself ~85 ms); one 2 MB vector takes ~4 ms.
+    The same mean loss and gradients as ``train_step`` on the whole batch, summed in another
+    order (equal to float rounding)."""
+    replicated, rows = PartitionSpec(), PartitionSpec(axis)
+
+    def local(state, batch, base):
+        count = jax.lax.psum(batch["loss_mask"][:, 1:].sum().astype(jnp.float32), axis)
+
+        def loss_fn(params):
+            if base is not None:
+                params = lora.merged(base, params, lora_scale)
+            return completion_loss(graphdef, params, batch["tokens"], batch["loss_mask"], batch.get("positions"),
+                                   batch.get("segment_ids"), count=count)
+
+        # Varying parameters: their gradients are this device's own, summed below in one piece
+        # (with replicated ones, shard_map would sum every gradient array on its own).
+        loss, grads = jax.value_and_grad(loss_fn)(jax.lax.pcast(state.params, axis, to="varying"))
+        flat, unravel = ravel_pytree(grads)
+        return _apply(tx, state, jax.lax.psum(loss, axis), unravel(jax.lax.psum(flat, axis)))
+
+    def step(state, batch, base=None):
+        specs = {name: rows for name in batch}
+        return jax.shard_map(local, mesh=mesh, in_specs=(replicated, specs, replicated),
+                             out_specs=(replicated, replicated))(state, batch, base)
+
+    return step
 
 
 def init_state(model, tx) -> tuple[Any, TrainState]:
@@ -396,6 +437,8 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     """
     tx, schedule = make_optimizer(config)
     graphdef, state = init_state(model, tx)
+    # The step donates its state; without a copy that would delete the caller's model's arrays.
+    state = state._replace(params=jax.tree.map(jnp.copy, state.params))
     base, scale = None, 0.0
     if config.lora is not None:
         # The model's weights become the frozen base; the state trains only the adapters.
@@ -411,7 +454,10 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     if dp:
         dp.check_batch(config.batch_size)
         state, base = dp.replicate(state), (dp.replicate(base) if base is not None else None)
-    jitted_step = jax.jit(functools.partial(train_step, graphdef, tx, lora_scale=scale), donate_argnums=0, **jit_opts)
+    if dp:
+        jitted_step = jax.jit(data_parallel_step(graphdef, tx, dp.mesh, distributed.AXIS, scale), donate_argnums=0)
+    else:
+        jitted_step = jax.jit(functools.partial(train_step, graphdef, tx, lora_scale=scale), donate_argnums=0)
     step_fn = functools.partial(jitted_step, base=base)
     jitted_eval = jax.jit(lambda params, tokens, mask, base: completion_loss(
         graphdef, params if base is None else lora.merged(base, params, scale), tokens, mask), **jit_opts)

@@ -369,14 +369,15 @@ def check_param_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]
 
 def memory_estimate(config: ModelConfig, *, batch_size: int = 1, training: bool = False,
                     seq_len: int | None = None) -> int:
-    """Bytes a model with this config needs, roughly: float32 weights (with gradients and two Adam moments
-    when training, or the file's copy while loading) plus the activations of one batch of ``seq_len``
-    positions (default: full length, ``max_seq_len``; training batches are as long as the longest example)."""
+    """Bytes a model with this config needs, roughly: float32 weights (with gradients, two Adam moments and
+    the copy training updates in place of the caller's model when training, or the file's copy while
+    loading) plus the activations of one batch of ``seq_len`` positions (default: full length,
+    ``max_seq_len``; training batches are as long as the longest example)."""
     n_params = sum(math.prod(shape) for shape in param_shapes(config).values())
     T, L = seq_len or config.max_seq_len, config.n_layers
     per_layer = batch_size * T * (6 * config.d_model + 3 * config.d_ff + config.n_heads * T)
     activations = 4 * (L * per_layer * (2 if training else 1) + batch_size * T * config.vocab_size * (3 if training else 1))
-    return n_params * (16 if training else 8) + activations
+    return n_params * (20 if training else 8) + activations
 
 
 def available_memory() -> int | None:

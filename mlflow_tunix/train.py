@@ -437,8 +437,6 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     """
     tx, schedule = make_optimizer(config)
     graphdef, state = init_state(model, tx)
-    # The step donates its state; without a copy that would delete the caller's model's arrays.
-    state = state._replace(params=jax.tree.map(jnp.copy, state.params))
     base, scale = None, 0.0
     if config.lora is not None:
         # The model's weights become the frozen base; the state trains only the adapters.
@@ -454,6 +452,8 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     if dp:
         dp.check_batch(config.batch_size)
         state, base = dp.replicate(state), (dp.replicate(base) if base is not None else None)
+    elif base is None:  # the step donates its state: a copy, or the caller's model would lose its arrays
+        state = state._replace(params=jax.tree.map(jnp.copy, state.params))
     if dp:
         jitted_step = jax.jit(data_parallel_step(graphdef, tx, dp.mesh, distributed.AXIS, scale), donate_argnums=0)
     else:

@@ -192,12 +192,18 @@ DEVICES = textwrap.dedent("""
     mask[:, 8:] = 1.0
     data = TokenizedData(tokens, mask)
     model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32), seed=0)
+    # Rows of 10-24 tokens (padding after), for packing: several examples a row, the rows' count varying.
+    ends = np.random.default_rng(1).integers(10, 25, size=64)
+    short = TokenizedData(np.where(np.arange(24) < ends[:, None], tokens, 0).astype(np.int32),
+                          np.where(np.arange(24) < ends[:, None], mask, 0).astype(np.float32))
     out = {"devices": jax.device_count(), "params": param_count(model)}
-    for name, lora in (("full", None), ("lora", LoraConfig(rank=2))):
+    for name, lora, rows, packing in (("full", None, data, False), ("lora", LoraConfig(rank=2), data, False),
+                                      ("packed", None, short, True)):
         tracker = NullTracker()
         config = TrainConfig(steps=4, batch_size=8, log_every=1, eval_every=0, warmup_steps=1, learning_rate=1e-2,
-                             checkpoint_every=0, lora=lora)
-        train(model, data, config, tracker=tracker, progress=False)
+                             checkpoint_every=0, lora=lora, packing=packing)
+        result = train(model, rows, config, tracker=tracker, progress=False)
+        assert result.packed == packing, name
         out[name] = [v for _, v in tracker.history["loss"]]
     if jax.device_count() > 1:  # the compiled step's all-reduces: (operand shapes) of each
         dp = distributed.DataParallel()
@@ -215,7 +221,7 @@ def test_data_parallel_step_sums_the_gradients_as_one_vector(tmp_path):
     """Left to jit's partitioner, the data-parallel step all-reduced a tuple of every parameter's
     gradient, which gloo sent array by array (~70 ms of a 165 ms step for two CPU processes); the
     step is written with shard_map to send one flat vector. Two host devices in one process (the
-    same step as two processes), against one device: the same losses, full and LoRA, and one
+    same step as two processes), against one device: the same losses, full, LoRA and packed, and one
     all-reduce operand as big as the model besides two scalars (the loss and the number of targets).
     The model is trained twice: train() must leave the caller's model usable (its step donates a copy)."""
     script = tmp_path / "devices.py"
@@ -229,7 +235,7 @@ def test_data_parallel_step_sums_the_gradients_as_one_vector(tmp_path):
 
     one, two = run(1), run(2)
     assert (one["devices"], two["devices"]) == (1, 2)
-    for name in ("full", "lora"):
+    for name in ("full", "lora", "packed"):
         np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-5)
         assert two[name][-1] < two[name][0] - 0.05, name  # it learned
     # XLA may combine them: (f32[12384]{0}, f32[]) all-reduce, f32[] all-reduce.

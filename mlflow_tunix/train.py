@@ -28,7 +28,6 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
-from jax.sharding import PartitionSpec
 
 from mlflow_tunix import distributed, lora
 from mlflow_tunix.checkpoint import Checkpoints, StopOnSignal, TrainingInterrupted, arrays_digest, state_signature
@@ -327,14 +326,19 @@ def completion_loss(graphdef, params, tokens, loss_mask, positions=None, segment
 def train_step(graphdef, tx, state: TrainState, batch, base=None, lora_scale: float = 0.0) -> tuple[TrainState, dict]:
     """One AdamW step. With ``base`` (LoRA), ``state.params`` are the adapters and the gradient
     reaches only them: the model runs on the frozen base weights with the adapters merged in."""
+    loss, grads = jax.value_and_grad(_batch_loss(graphdef, batch, base, lora_scale))(state.params)
+    return _apply(tx, state, loss, grads)
+
+
+def _batch_loss(graphdef, batch, base, lora_scale: float, count=None) -> Callable:
+    """params -> the batch's completion loss (LoRA adapters merged into ``base`` first, if given)."""
     def loss_fn(params):
         if base is not None:
             params = lora.merged(base, params, lora_scale)
         return completion_loss(graphdef, params, batch["tokens"], batch["loss_mask"], batch.get("positions"),
-                               batch.get("segment_ids"))
+                               batch.get("segment_ids"), count=count)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return _apply(tx, state, loss, grads)
+    return loss_fn
 
 
 def _apply(tx, state: TrainState, loss, grads) -> tuple[TrainState, dict]:
@@ -343,8 +347,8 @@ def _apply(tx, state: TrainState, loss, grads) -> tuple[TrainState, dict]:
     return TrainState(state.step + 1, params, opt_state), {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
 
-def data_parallel_step(graphdef, tx, mesh, axis: str, lora_scale: float = 0.0) -> Callable:
-    """``train_step`` for a batch split on its rows over ``mesh`` (the state and ``base`` replicated),
+def data_parallel_step(graphdef, tx, dp: distributed.DataParallel, lora_scale: float = 0.0) -> Callable:
+    """``train_step`` for a batch split on its rows over ``dp``'s mesh (the state and ``base`` replicated),
     written out with ``shard_map``: each device takes the loss of its rows over the whole batch's
     number of completion targets, and the gradients are summed over the devices as **one flat
     vector**. Left to jit's partitioner, the same step all-reduced a tuple of every parameter's
@@ -352,26 +356,20 @@ def data_parallel_step(graphdef, tx, mesh, axis: str, lora_scale: float = 0.0) -
     a 165 ms step for two processes (the step itself ~85 ms); one 2 MB vector takes ~4 ms.
     The same mean loss and gradients as ``train_step`` on the whole batch, summed in another
     order (equal to float rounding)."""
-    replicated, rows = PartitionSpec(), PartitionSpec(axis)
+    axis, replicated, rows = distributed.AXIS, dp.replicated.spec, dp.sharded.spec
 
     def local(state, batch, base):
         count = jax.lax.psum(batch["loss_mask"][:, 1:].sum().astype(jnp.float32), axis)
-
-        def loss_fn(params):
-            if base is not None:
-                params = lora.merged(base, params, lora_scale)
-            return completion_loss(graphdef, params, batch["tokens"], batch["loss_mask"], batch.get("positions"),
-                                   batch.get("segment_ids"), count=count)
-
         # Varying parameters: their gradients are this device's own, summed below in one piece
         # (with replicated ones, shard_map would sum every gradient array on its own).
-        loss, grads = jax.value_and_grad(loss_fn)(jax.lax.pcast(state.params, axis, to="varying"))
+        params = jax.lax.pcast(state.params, axis, to="varying")
+        loss, grads = jax.value_and_grad(_batch_loss(graphdef, batch, base, lora_scale, count))(params)
         flat, unravel = ravel_pytree(grads)
         return _apply(tx, state, jax.lax.psum(loss, axis), unravel(jax.lax.psum(flat, axis)))
 
     def step(state, batch, base=None):
         specs = {name: rows for name in batch}
-        return jax.shard_map(local, mesh=mesh, in_specs=(replicated, specs, replicated),
+        return jax.shard_map(local, mesh=dp.mesh, in_specs=(replicated, specs, replicated),
                              out_specs=(replicated, replicated))(state, batch, base)
 
     return step
@@ -455,7 +453,7 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     elif base is None:  # the step donates its state: a copy, or the caller's model would lose its arrays
         state = state._replace(params=jax.tree.map(jnp.copy, state.params))
     if dp:
-        jitted_step = jax.jit(data_parallel_step(graphdef, tx, dp.mesh, distributed.AXIS, scale), donate_argnums=0)
+        jitted_step = jax.jit(data_parallel_step(graphdef, tx, dp, scale), donate_argnums=0)
     else:
         jitted_step = jax.jit(functools.partial(train_step, graphdef, tx, lora_scale=scale), donate_argnums=0)
     step_fn = functools.partial(jitted_step, base=base)

@@ -210,7 +210,7 @@ DEVICES = textwrap.dedent("""
         tx, _ = make_optimizer(TrainConfig(steps=4, batch_size=8))
         graphdef, state = init_state(model, tx)
         batch = dp.shard_rows({"tokens": tokens[:8], "loss_mask": mask[:8]})
-        hlo = jax.jit(data_parallel_step(graphdef, tx, dp.mesh, distributed.AXIS)).lower(
+        hlo = jax.jit(data_parallel_step(graphdef, tx, dp)).lower(
             dp.replicate(state), batch).compile().as_text()
         out["all_reduces"] = re.findall(r"= (\\(?[^=]*?\\)?) all-reduce\\(", hlo)
     json.dump(out, sys.stdout)

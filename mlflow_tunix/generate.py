@@ -123,10 +123,10 @@ def _prompt_len(chunk, config, max_new_tokens: int) -> int:
 
 def _rows_within(config, prompt_len: int, max_new_tokens: int, rows: int, budget: int) -> int:
     """The rows (``rows`` halved until it fits, at least 1) whose prefill at ``prompt_len`` keeps
-    one layer's attention scores [rows, heads, prompt_len, cache] and the logits [rows, prompt_len,
-    vocab] (float32) within ``budget`` bytes. (dev-reasoning-v2 has a 1410-token prompt: with 128 rows
-    its scores alone were ~5 GB a layer and the evaluation peaked at 13 GB.)"""
-    per_row = 4 * prompt_len * (config.n_heads * (prompt_len + max_new_tokens) + config.vocab_size)
+    one layer's attention scores [rows, heads, prompt_len, cache] and the logits [rows, vocab] (float32;
+    the prefill computes the last position's only) within ``budget`` bytes. (dev-reasoning-v2 has a
+    1410-token prompt: with 128 rows its scores alone were ~5 GB a layer and the evaluation peaked at 13 GB.)"""
+    per_row = 4 * (prompt_len * config.n_heads * (prompt_len + max_new_tokens) + config.vocab_size)
     fit = rows
     while fit > 1 and fit * per_row > budget:
         fit //= 2
@@ -302,7 +302,7 @@ def _generate_batch(
         return (token[:, None] == stop_ids[None, :]).any(axis=-1)
 
     cache = model.init_cache(B, P + max_new_tokens)
-    logits, cache = model(tokens, positions, cache=cache, cache_index=0, kv_mask=kv_mask)
+    logits, cache = model(tokens, positions, cache=cache, cache_index=0, kv_mask=kv_mask, last_only=True)
     token = jnp.where(live, pick(logits[:, -1], 0), pad_id)
     done = ~live | is_stop(token)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)

@@ -144,7 +144,13 @@ def rope_angles(positions, head_dim: int, theta: float):
     """sin, cos of shape [B, T, 1, head_dim/2] for integer positions [B, T]."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # broadcast over heads
+    # XLA on CPU fuses sin and cos into each consumer and evaluates them per element there: once per
+    # head of q and k in every layer (its optimization barrier is dropped on CPU). At batch 256 that
+    # recomputation was ~25 % of a decode step. A matmul is never fused into what reads it, so a product
+    # with the identity (exact: each entry is itself plus zeros) makes XLA compute them once per token.
+    eye = jnp.eye(head_dim // 2, dtype=jnp.float32)
+    sin, cos = jnp.sin(angles) @ eye, jnp.cos(angles) @ eye
+    return sin[:, :, None, :], cos[:, :, None, :]  # broadcast over heads
 
 
 def apply_rope(x, sin, cos):
@@ -277,7 +283,8 @@ class Transformer(nnx.Module):
         if not config.tie_embeddings:
             self.lm_head = _normal(rngs, (config.d_model, config.vocab_size), 0.02)
 
-    def __call__(self, tokens, positions=None, *, cache=None, cache_index=None, kv_mask=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, *, cache=None, cache_index=None, kv_mask=None, segment_ids=None,
+                 last_only=False):
         """tokens int32 [B, T] -> logits float32 [B, T, V], or (logits, new_cache) with a cache.
 
         Without cache: causal attention over the T tokens; positions default to arange(T);
@@ -287,6 +294,8 @@ class Transformer(nnx.Module):
         With cache (from init_cache, S slots): this chunk's K/V are written at cache_index (a
         traced int scalar, the same for the whole batch); positions default to cache_index +
         arange(T); kv_mask (bool [B, S]) is False for left-padding slots, never attended.
+        last_only: logits [B, 1, V] of the last position only (a prefill needs no more; the full
+        [B, T, V] logits of a long prompt batch with a real vocabulary are gigabytes).
         """
         B, T = tokens.shape
         if cache is None:
@@ -314,6 +323,8 @@ class Transformer(nnx.Module):
             layer_cache = None if cache is None else cache[i]
             x2d, layer_new = block(x2d, B, T, sin, cos, mask, layer_cache, cache_index)
             new_cache.append(layer_new)
+        if last_only:
+            x2d, T = x2d.reshape(B, T, -1)[:, -1], 1
         x2d = self.final_norm(x2d)
         head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
         logits = (x2d @ head).astype(jnp.float32).reshape(B, T, self.config.vocab_size)

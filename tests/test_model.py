@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from mlflow_tunix.errors import ConfigError, InputError, ModelLoadError
-from mlflow_tunix.model import ModelConfig, build_model, flat_params, param_count
+from mlflow_tunix.model import ModelConfig, build_model, flat_params, param_count, rope_angles
 
 TINY = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64)
 
@@ -27,6 +27,28 @@ def test_logits_shape_and_dtype(model):
     assert logits.shape == (3, 11, TINY.vocab_size)
     assert logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_last_only_gives_the_last_positions_logits(model):
+    tokens = random_tokens((3, 11), seed=1)
+    full = np.asarray(model(tokens))
+    last = np.asarray(jax.jit(lambda t: model(t, last_only=True))(tokens))
+    assert last.shape == (3, 1, TINY.vocab_size)
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+    cached, _ = model(tokens, cache=model.init_cache(3, 16), cache_index=0, last_only=True)
+    np.testing.assert_allclose(np.asarray(cached), full[:, -1:], rtol=1e-5, atol=1e-6)
+
+
+def test_rope_sin_and_cos_are_exact_and_computed_once_per_token(model):
+    positions = jnp.arange(2 * 40).reshape(2, 40)
+    sin, cos = jax.jit(rope_angles, static_argnums=(1, 2))(positions, 16, 10000.0)
+    angles = positions.astype(jnp.float32)[..., None] * 10000.0 ** (-jnp.arange(0, 16, 2, dtype=jnp.float32) / 16)
+    # the same bits as sin and cos themselves (the identity product that keeps XLA from fusing them adds zeros)
+    np.testing.assert_array_equal(np.asarray(sin)[:, :, 0], np.asarray(jax.jit(jnp.sin)(angles)))
+    np.testing.assert_array_equal(np.asarray(cos)[:, :, 0], np.asarray(jax.jit(jnp.cos)(angles)))
+    # XLA on CPU fused them into every head's rotation of q and k in every layer, once per element there
+    hlo = jax.jit(lambda t: model(t)).lower(random_tokens((2, 9))).compile().as_text()
+    assert hlo.count(" sine(") == 1 and hlo.count(" cosine(") == 1
 
 
 def test_changing_a_future_token_leaves_earlier_logits_alone(model):

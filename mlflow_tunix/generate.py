@@ -301,29 +301,53 @@ def _generate_batch(
     def is_stop(token):
         return (token[:, None] == stop_ids[None, :]).any(axis=-1)
 
-    cache = model.init_cache(B, P + max_new_tokens)
-    logits, cache = model(tokens, positions, cache=cache, cache_index=0, kv_mask=kv_mask, last_only=True)
+    ends = cache_segments(P, max_new_tokens)
+    cache = model.init_cache(B, ends[0])
+    logits, cache = model(tokens, positions, cache=cache, cache_index=0, kv_mask=kv_mask[:, : ends[0]], last_only=True)
     token = jnp.where(live, pick(logits[:, -1], 0), pad_id)
     done = ~live | is_stop(token)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+    carry = (jnp.int32(1), out, token, done)
 
-    def keep_going(carry):
-        step, _, _, done, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+    for i, slots in enumerate(ends):
+        if i:  # the next segment's slots, empty (and masked until written)
+            cache = [{name: jnp.pad(c, ((0, 0), (0, 0), (0, slots - c.shape[2]), (0, 0))) for name, c in layer.items()}
+                     for layer in cache]
+        # Steps up to slots - P write the slots this cache holds; each step attends only over them.
+        last_step, segment_mask = min(slots - P, max_new_tokens - 1), kv_mask[:, :slots]
 
-    def one_step(carry):
-        step, out, token, done, cache = carry
-        # The previous token goes in slot P + step - 1 at its row's own position.
-        logits, cache = model(
-            token[:, None], (lengths + step - 1)[:, None],
-            cache=cache, cache_index=P + step - 1, kv_mask=kv_mask,
-        )
-        token = jnp.where(done, pad_id, pick(logits[:, -1], step))
-        out = out.at[:, step].set(token)
-        return step + 1, out, token, done | is_stop(token), cache
+        def keep_going(carry, last_step=last_step):
+            step, _, _, done, _ = carry
+            return (step <= last_step) & ~jnp.all(done)
 
-    _, out, _, _, _ = jax.lax.while_loop(keep_going, one_step, (jnp.int32(1), out, token, done, cache))
-    return out
+        def one_step(carry, segment_mask=segment_mask):
+            step, out, token, done, cache = carry
+            # The previous token goes in slot P + step - 1 at its row's own position.
+            logits, cache = model(
+                token[:, None], (lengths + step - 1)[:, None],
+                cache=cache, cache_index=P + step - 1, kv_mask=segment_mask,
+            )
+            token = jnp.where(done, pad_id, pick(logits[:, -1], step))
+            out = out.at[:, step].set(token)
+            return step + 1, out, token, done | is_stop(token), cache
+
+        *carry, cache = jax.lax.while_loop(keep_going, one_step, (*carry, cache))
+    return carry[1]
+
+
+# A decode whose new tokens reach past SEGMENT_FROM runs its loop in at most SEGMENTS pieces, each over a
+# KV cache only as long as the slots written by its end: a step reads every slot of its cache, so a
+# cache of the final length made the early steps read mostly empty slots.
+SEGMENTS, SEGMENT_FROM = 4, 128
+
+
+def cache_segments(prompt_len: int, max_new_tokens: int) -> list[int]:
+    """The cache length (slots) of each piece of the decode loop, the last one prompt_len + max_new_tokens."""
+    full = prompt_len + max_new_tokens
+    if max_new_tokens < SEGMENT_FROM:
+        return [full]
+    step = -(-max_new_tokens // SEGMENTS)
+    return [min(prompt_len + step * (i + 1), full) for i in range(SEGMENTS)]
 
 
 def generate_text(

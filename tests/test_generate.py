@@ -77,6 +77,21 @@ def test_greedy_kv_cache_equals_naive_reencoding(next_logits, prompts, greedy):
     assert max(len(set(row)) for row in greedy) > 5  # real sequences, not one token repeated
 
 
+def test_a_decode_in_segments_of_growing_caches_equals_naive_reencoding(model, prompts, next_logits, monkeypatch):
+    # Long decodes run their loop in pieces, each over a cache only as long as the slots written so far.
+    assert generate.cache_segments(48, 128) == [80, 112, 144, 176]
+    assert generate.cache_segments(16, 320) == [96, 176, 256, 336]
+    assert generate.cache_segments(48, 127) == [175]  # shorter decodes: one loop over the whole cache
+    monkeypatch.setattr(generate, "SEGMENT_FROM", 16)
+    assert generate.cache_segments(20, 42) == [31, 42, 53, 62]
+    out = generate_ids(model, prompts, max_new_tokens=42, pad_id=PAD, stop_ids=[])
+    assert out == [naive_greedy(next_logits, p, 42) for p in prompts]
+    # rows that stop early, in an early segment: the later segments do not run them on
+    stop = out[3][5]
+    cut = generate_ids(model, prompts, max_new_tokens=42, pad_id=PAD, stop_ids=[stop])
+    assert cut == [row[: row.index(stop) + 1] if stop in row else row for row in out]
+
+
 def test_batching_does_not_change_greedy_output(model, prompts, greedy):
     # 5 prompts in batches of 2: three batches, the last one padded with a dummy row.
     assert generate_ids(model, prompts, max_new_tokens=10, pad_id=PAD, stop_ids=[], batch_size=2) == greedy

@@ -311,8 +311,7 @@ def _generate_batch(
 
     for i, slots in enumerate(ends):
         if i:  # the next segment's slots, empty (and masked until written)
-            cache = [{name: jnp.pad(c, ((0, 0), (0, 0), (0, slots - c.shape[2]), (0, 0))) for name, c in layer.items()}
-                     for layer in cache]
+            cache = model.extend_cache(cache, slots)
         # Steps up to slots - P write the slots this cache holds; each step attends only over them.
         last_step, segment_mask = min(slots - P, max_new_tokens - 1), kv_mask[:, :slots]
 

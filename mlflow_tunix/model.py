@@ -332,15 +332,24 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> Cache:
         """An empty KV cache with max_len slots per row (at most config.max_seq_len)."""
-        if max_len > self.config.max_seq_len:
-            raise InputError(
-                f"KV cache of {max_len} tokens exceeds the model's max_seq_len {self.config.max_seq_len}"
-            )
+        self._check_cache_len(max_len)
         shape = (batch_size, self.config.n_kv_heads, max_len, self.config.head_dim)  # see cached_attention
         return [
             {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(self.config.n_layers)
         ]
+
+    def extend_cache(self, cache: Cache, max_len: int) -> Cache:
+        """``cache`` with empty slots added up to max_len (the slots it holds keep their place)."""
+        self._check_cache_len(max_len)
+        return [{name: jnp.pad(c, ((0, 0), (0, 0), (0, max_len - c.shape[2]), (0, 0))) for name, c in layer.items()}
+                for layer in cache]
+
+    def _check_cache_len(self, max_len: int) -> None:
+        if max_len > self.config.max_seq_len:
+            raise InputError(
+                f"KV cache of {max_len} tokens exceeds the model's max_seq_len {self.config.max_seq_len}"
+            )
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -2,7 +2,8 @@
 
 A batch of prompts is left-padded to a bucketed length, prefilled in one call, then extended one
 token per step by a ``jax.lax.while_loop`` that stops as soon as every row has emitted a stop
-token. Shapes are bucketed so the compiled function is reused across batches and calls.
+token (a long decode: by a few loops, each over a cache only as long as it needs; see
+cache_segments). Shapes are bucketed so the compiled function is reused across batches and calls.
 """
 
 from __future__ import annotations
@@ -334,9 +335,10 @@ def _generate_batch(
     return carry[1]
 
 
-# A decode whose new tokens reach past SEGMENT_FROM runs its loop in at most SEGMENTS pieces, each over a
-# KV cache only as long as the slots written by its end: a step reads every slot of its cache, so a
-# cache of the final length made the early steps read mostly empty slots.
+# A decode of SEGMENT_FROM new tokens or more runs its loop in SEGMENTS pieces, each over a KV cache only
+# as long as the slots written by its end: a step reads every slot of its cache, so a cache of the final
+# length made the early steps read mostly empty slots. Each piece is compiled on its own: for a shorter
+# decode the extra compile cost more than the reads saved (docs/benchmarks.md).
 SEGMENTS, SEGMENT_FROM = 4, 128
 
 

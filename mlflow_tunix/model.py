@@ -140,17 +140,21 @@ class RMSNorm(nnx.Module):
         return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.scale
 
 
-def rope_angles(positions, head_dim: int, theta: float):
-    """sin, cos of shape [B, T, 1, head_dim/2] for integer positions [B, T]."""
+def rope_angles(positions, head_dim: int, theta: float, *, once: bool = False):
+    """sin, cos of shape [B, T, 1, head_dim/2] for integer positions [B, T].
+
+    XLA on CPU fuses sin and cos into each consumer and evaluates them per element there: once per head
+    of q and k in every layer (its optimization barrier is dropped on CPU). At batch 256 that was ~25 % of
+    a decode step. With ``once`` they go through a product with the identity (exact: each entry is itself
+    plus zeros), and a matmul is never fused into what reads it: computed once per token. The decode uses
+    it; training does not (measured: no faster on the default project's step, 1-2 % slower in its runs).
+    """
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    # XLA on CPU fuses sin and cos into each consumer and evaluates them per element there: once per
-    # head of q and k in every layer (its optimization barrier is dropped on CPU). At batch 256 that
-    # recomputation was ~25 % of a decode step. A matmul is never fused into what reads it, so a product
-    # with the identity (exact: each entry is itself plus zeros) makes XLA compute them once per token.
+    if not once:
+        return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # broadcast over heads
     eye = jnp.eye(head_dim // 2, dtype=jnp.float32)
-    sin, cos = jnp.sin(angles) @ eye, jnp.cos(angles) @ eye
-    return sin[:, :, None, :], cos[:, :, None, :]  # broadcast over heads
+    return (jnp.sin(angles) @ eye)[:, :, None, :], (jnp.cos(angles) @ eye)[:, :, None, :]
 
 
 def apply_rope(x, sin, cos):
@@ -313,7 +317,7 @@ class Transformer(nnx.Module):
             mask = mask & kv_mask.astype(bool)[:, None, :]
         if segment_ids is not None:
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        sin, cos = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        sin, cos = rope_angles(positions, self.config.head_dim, self.config.rope_theta, once=cache is not None)
 
         # Activations stay 2-D [B*T, d] so every linear layer is one plain matmul
         # (~40% faster training on CPU than 3-D einsums).

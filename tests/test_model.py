@@ -1,5 +1,7 @@
 """The transformer: shapes, causality, weight loading, the KV cache, and that it can learn."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,15 +41,16 @@ def test_last_only_gives_the_last_positions_logits(model):
     np.testing.assert_allclose(np.asarray(cached), full[:, -1:], rtol=1e-5, atol=1e-6)
 
 
-def test_rope_sin_and_cos_are_exact_and_computed_once_per_token(model):
+def test_rope_sin_and_cos_are_exact_and_computed_once_per_token_when_decoding(model):
     positions = jnp.arange(2 * 40).reshape(2, 40)
-    sin, cos = jax.jit(rope_angles, static_argnums=(1, 2))(positions, 16, 10000.0)
+    sin, cos = jax.jit(functools.partial(rope_angles, once=True), static_argnums=(1, 2))(positions, 16, 10000.0)
     angles = positions.astype(jnp.float32)[..., None] * 10000.0 ** (-jnp.arange(0, 16, 2, dtype=jnp.float32) / 16)
     # the same bits as sin and cos themselves (the identity product that keeps XLA from fusing them adds zeros)
     np.testing.assert_array_equal(np.asarray(sin)[:, :, 0], np.asarray(jax.jit(jnp.sin)(angles)))
     np.testing.assert_array_equal(np.asarray(cos)[:, :, 0], np.asarray(jax.jit(jnp.cos)(angles)))
     # XLA on CPU fused them into every head's rotation of q and k in every layer, once per element there
-    hlo = jax.jit(lambda t: model(t)).lower(random_tokens((2, 9))).compile().as_text()
+    tokens = random_tokens((2, 9))
+    hlo = jax.jit(lambda t: model(t, cache=model.init_cache(2, 16), cache_index=0)).lower(tokens).compile().as_text()
     assert hlo.count(" sine(") == 1 and hlo.count(" cosine(") == 1
 
 

@@ -104,6 +104,9 @@ def test_a_batch_over_the_prefill_budget_runs_in_pieces_with_the_same_tokens(mod
     assert generate._rows_within(shape, 1424, 320, 128, generate.PREFILL_BYTES) == 16
     assert generate._rows_within(shape, 112, 320, 128, generate.PREFILL_BYTES) == 128  # usual batches unchanged
     assert generate._rows_within(TINY, 32, 10, 8, 1) == 1
+    # the prefill keeps the last position's logits only: a real vocabulary does not split the batch
+    qwen_vocab = ModelConfig(vocab_size=151936, d_model=64, n_layers=2, n_heads=4, d_ff=192, max_seq_len=512)
+    assert generate._rows_within(qwen_vocab, 208, 32, 64, generate.PREFILL_BYTES) == 64  # was 8 with all the logits
     # every row alone (each padded to its own length): the same greedy tokens and the same samples
     assert generate_ids(model, prompts, max_new_tokens=10, pad_id=PAD, stop_ids=[], prefill_bytes=1) == greedy
     assert sample(model, prompts, seed=7, prefill_bytes=1) == sample(model, prompts, seed=7)

@@ -8,12 +8,14 @@ cache_segments). Shapes are bucketed so the compiled function is reused across b
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -96,23 +98,54 @@ def generate_ids(
     # A full batch always has the same shape; a request smaller than batch_size runs the next
     # power of two rows instead of paying for batch_size rows.
     rows = min(batch_size, 1 << (len(prompts) - 1).bit_length())
+    streams = _streams()
+    if streams > 1:  # fewer batches than streams: smaller batches, one for each stream
+        rows = min(rows, 1 << (-(-len(prompts) // streams) - 1).bit_length())
     # top_k >= vocab keeps every token: the same as no filter.
     top_k = 0 if top_k >= config.vocab_size else int(top_k)
     stop = tuple(sorted({int(s) for s in stop_ids}))
     graphdef, state = nnx.split(model)
 
-    results: list[list[int]] = []
-    for start in tqdm(range(0, len(prompts), rows), desc="generate", unit="batch", disable=not progress):
-        chunk = prompts[start : start + rows]
+    def batch(start: int) -> list[list[int]]:
+        chunk, done = prompts[start : start + rows], []
         # One very long prompt pads every row of its batch to its length: such a batch runs in
         # pieces of fewer rows, each padded to its own longest prompt (the tokens are the same).
-        fit = _rows_within(config, _prompt_len(chunk, config, max_new_tokens), max_new_tokens, rows, prefill_bytes)
+        # The budget is shared by the batches running at once.
+        fit = _rows_within(config, _prompt_len(chunk, config, max_new_tokens), max_new_tokens, rows,
+                           prefill_bytes // streams)
         for offset in range(0, len(chunk), fit):
             piece = chunk[offset : offset + fit]
             out = _run_batch(graphdef, state, piece, fit, start + offset, config, max_new_tokens, pad_id, stop,
                              temperature, top_k, seed)
-            results.extend(_cut_after_stop(out[i].tolist(), stop) for i in range(len(piece)))
+            done.extend(_cut_after_stop(out[i].tolist(), stop) for i in range(len(piece)))
+        return done
+
+    starts = range(0, len(prompts), rows)
+    results = []
+    with tqdm(total=len(starts), desc="generate", unit="batch", disable=not progress) as bar, contextlib.ExitStack() as stack:
+        if streams > 1 and len(starts) > 1:
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(min(streams, len(starts))))
+            done_in_order = pool.map(batch, starts)  # each batch's tokens depend on its prompts alone
+        else:
+            done_in_order = map(batch, starts)
+        for done in done_in_order:
+            results.extend(done)
+            bar.update(1)
     return results
+
+
+# Decode batches run in this many threads at once on a CPU (at most one per core): one decode call leaves a
+# core idle for much of each step (XLA runs the batched attention matmuls on one thread), a second call at
+# the same time fills it. Measured on 2 cores: 256 prompts as two concurrent batches of 128 decode 1.64x
+# as fast as one batch of 256, the same tokens (docs/benchmarks.md).
+DECODE_STREAMS = 2
+
+
+def _streams() -> int:
+    if jax.default_backend() != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(DECODE_STREAMS, cores))
 
 
 def _prompt_len(chunk, config, max_new_tokens: int) -> int:
@@ -204,8 +237,10 @@ def _check_request(prompts, config, max_new_tokens, pad_id, stop_ids, temperatur
             raise InputError(f"prompt {i} has token id {bad} outside the vocabulary (size {vocab})")
 
 
-# key -> the jitted call of a deserialized decode (see _decode)
-_EXPORTED: dict[str, object] = {}
+# key -> the compiled decode (see _decode), made once under _COMPILING: batches decoded at once in
+# several threads would otherwise each trace and compile the same program
+_DECODES: dict[str, object] = {}
+_COMPILING = threading.Lock()
 # What the decode's code depends on besides its arguments: a change to any of these is a new key.
 _SOURCES = (Path(__file__), Path(__file__).with_name("model.py"))
 
@@ -218,31 +253,42 @@ def _decode(graphdef, state, *args, max_new_tokens, greedy, top_k):
     warm first call. So the traced program is saved with jax.export, keyed on everything it is
     built from (the model's graph with its config, argument shapes, the static options, the source of
     this module and model.py, the JAX/Flax versions and backend); a later process deserializes it,
-    and compiling the call finds XLA's code in the persistent cache. Off when that cache is off.
+    and compiling the call finds XLA's code in the persistent cache. Not saved when that cache is off.
+    Compiled once per process and key, whichever thread asks first.
     """
     statics = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
+    leaves = jax.tree.leaves(state)  # the export format cannot name NNX's pytree types: the state's leaves
+    key = _export_key(graphdef, state, args, statics)
+    compiled = _DECODES.get(key)
+    if compiled is None:
+        with _COMPILING:
+            compiled = _DECODES.get(key)
+            if compiled is None:
+                call = _traced(graphdef, state, args, statics, key)
+                compiled = _DECODES[key] = jax.jit(call).lower(leaves, *args).compile()
+    return compiled(leaves, *args)
+
+
+def _traced(graphdef, state, args, statics, key):
+    """The decode as a function of (state leaves, *args): deserialized from the cache directory, or
+    traced (and saved there for the next process)."""
+    treedef = jax.tree.structure(state)
+    flat = lambda leaves, *a: _generate_batch(graphdef, jax.tree.unflatten(treedef, leaves), *a, **statics)
     cache_dir = _export_dir()
     if not cache_dir:
-        return _generate_batch(graphdef, state, *args, **statics)
-    key = _export_key(graphdef, state, args, statics)
-    call = _EXPORTED.get(key)
-    if call is None:
-        path = Path(cache_dir) / f"mlflow-tunix-decode-{key}.jaxexport"
-        try:
-            exported = jax.export.deserialize(bytearray(path.read_bytes()))
-        except Exception:  # missing, unreadable, from an incompatible writer, no flatbuffers: trace it
-            # On the state's leaves: the export format cannot name NNX's pytree types.
-            treedef = jax.tree.structure(state)
-            flat = lambda leaves, *a: _generate_batch(graphdef, jax.tree.unflatten(treedef, leaves), *a, **statics)
-            exported = jax.export.export(jax.jit(flat))(jax.tree.leaves(state), *args)
-            # A read-only cache or no flatbuffers only means tracing again next time.
-            with contextlib.suppress(OSError, ImportError):
-                path.parent.mkdir(parents=True, exist_ok=True)  # JAX makes it at its first write, later
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(exported.serialize())
-                os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
-        call = _EXPORTED[key] = jax.jit(exported.call)
-    return call(jax.tree.leaves(state), *args)
+        return flat
+    path = Path(cache_dir) / f"mlflow-tunix-decode-{key}.jaxexport"
+    try:
+        return jax.export.deserialize(bytearray(path.read_bytes())).call
+    except Exception:  # missing, unreadable, from an incompatible writer, no flatbuffers: trace it
+        exported = jax.export.export(jax.jit(flat))(jax.tree.leaves(state), *args)
+    # A read-only cache or no flatbuffers only means tracing again next time.
+    with contextlib.suppress(OSError, ImportError):
+        path.parent.mkdir(parents=True, exist_ok=True)  # JAX makes it at its first write, later
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(exported.serialize())
+        os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
+    return exported.call
 
 
 def _export_dir() -> str | None:
@@ -251,10 +297,16 @@ def _export_dir() -> str | None:
 
 
 def _export_key(graphdef, state, args, statics) -> str:
+    shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves((state, args)))
+    return _key(graphdef, jax.tree.structure(state), shapes, tuple(sorted(statics.items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _key(graphdef, treedef, shapes, statics) -> str:
+    """Hashed once per process and shape (repr of a model's graph alone took ~0.5 ms, a batch-1 call ~6 ms)."""
     h = hashlib.sha256()
     for part in (
-        repr(graphdef), sorted(statics.items()),
-        [(a.shape, a.dtype) for a in jax.tree.leaves((state, args))], jax.tree.structure(state),
+        repr(graphdef), list(statics), list(shapes), treedef,
         jax.__version__, importlib.metadata.version("flax"), jax.default_backend(),
     ):
         h.update(repr(part).encode())

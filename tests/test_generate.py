@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import threading
 from pathlib import Path
 
 import jax
@@ -90,6 +92,25 @@ def test_a_decode_in_segments_of_growing_caches_equals_naive_reencoding(model, p
     stop = out[3][5]
     cut = generate_ids(model, prompts, max_new_tokens=42, pad_id=PAD, stop_ids=[stop])
     assert cut == [row[: row.index(stop) + 1] if stop in row else row for row in out]
+
+
+def test_batches_decoded_at_once_in_two_threads_give_the_same_tokens(model, prompts, greedy, monkeypatch):
+    # On a CPU, batches decode in DECODE_STREAMS threads at once (a request of one batch is split so that
+    # each thread has one); each batch's tokens depend on its own prompts alone.
+    calls = []
+    real = generate._run_batch
+    monkeypatch.setattr(generate, "_run_batch", lambda *a: calls.append(threading.get_ident()) or real(*a))
+    monkeypatch.setattr(generate, "DECODE_STREAMS", 1)
+    one = generate_ids(model, prompts, max_new_tokens=10, pad_id=PAD, stop_ids=[])
+    sampled = sample(model, prompts, seed=3)
+    assert len(calls) == 2 * 1 and len(set(calls)) == 1  # one batch of 8 rows, greedy and sampled
+    calls.clear()
+    monkeypatch.setattr(generate, "DECODE_STREAMS", 2)
+    assert generate._streams() == min(2, len(os.sched_getaffinity(0)))
+    two = generate_ids(model, prompts, max_new_tokens=10, pad_id=PAD, stop_ids=[])
+    assert two == one == greedy and sample(model, prompts, seed=3) == sampled
+    if generate._streams() == 2:  # 5 prompts: batches of 4 and 1, given to two threads
+        assert len(calls) == 4 and threading.get_ident() not in calls
 
 
 def test_batching_does_not_change_greedy_output(model, prompts, greedy):
@@ -272,11 +293,12 @@ def test_a_decode_saved_for_the_next_process_gives_the_same_tokens(tmp_path, mon
     model, prompts = fixture.unit_model(config, seed=0), fixture.prompts(1, config.vocab_size)
     kwargs = dict(fixture.REQUESTS)["greedy-stops"]
     monkeypatch.setattr(generate, "_export_dir", lambda: str(tmp_path / "jax"))  # made at the first save
-    monkeypatch.setattr(generate, "_EXPORTED", {})
+    monkeypatch.setattr(generate, "_DECODES", {})
+    monkeypatch.setattr(generate, "DECODE_STREAMS", 1)  # one batch: one program
     first = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
     saved = list((tmp_path / "jax").glob("mlflow-tunix-decode-*.jaxexport"))
-    generate._EXPORTED.clear()
+    generate._DECODES.clear()
     second = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
     expected = json.loads((DECODE_FIXTURE / "decode.json").read_text())["qwen3-gqa/greedy-stops"]
-    assert len(saved) == 1 and len(generate._EXPORTED) == 1
+    assert len(saved) == 1 and len(generate._DECODES) == 1
     assert first == second == expected

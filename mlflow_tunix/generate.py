@@ -122,7 +122,8 @@ def generate_ids(
 
     starts = range(0, len(prompts), rows)
     results = []
-    with tqdm(total=len(starts), desc="generate", unit="batch", disable=not progress) as bar, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(starts), desc="generate", unit="batch", disable=not progress))
         if streams > 1 and len(starts) > 1:
             pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(min(streams, len(starts))))
             done_in_order = pool.map(batch, starts)  # each batch's tokens depend on its prompts alone

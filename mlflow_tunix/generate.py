@@ -258,22 +258,21 @@ def _decode(graphdef, state, *args, max_new_tokens, greedy, top_k):
     Compiled once per process and key, whichever thread asks first.
     """
     statics = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
-    leaves = jax.tree.leaves(state)  # the export format cannot name NNX's pytree types: the state's leaves
-    key = _export_key(graphdef, state, args, statics)
+    leaves, treedef = jax.tree.flatten(state)  # the export format cannot name NNX's pytree types: the leaves
+    key = _export_key(graphdef, treedef, leaves, args, statics)
     compiled = _DECODES.get(key)
     if compiled is None:
         with _COMPILING:
             compiled = _DECODES.get(key)
             if compiled is None:
-                call = _traced(graphdef, state, args, statics, key)
+                call = _traced(graphdef, treedef, leaves, args, statics, key)
                 compiled = _DECODES[key] = jax.jit(call).lower(leaves, *args).compile()
     return compiled(leaves, *args)
 
 
-def _traced(graphdef, state, args, statics, key):
+def _traced(graphdef, treedef, leaves, args, statics, key):
     """The decode as a function of (state leaves, *args): deserialized from the cache directory, or
     traced (and saved there for the next process)."""
-    treedef = jax.tree.structure(state)
     flat = lambda leaves, *a: _generate_batch(graphdef, jax.tree.unflatten(treedef, leaves), *a, **statics)
     cache_dir = _export_dir()
     if not cache_dir:
@@ -282,7 +281,7 @@ def _traced(graphdef, state, args, statics, key):
     try:
         return jax.export.deserialize(bytearray(path.read_bytes())).call
     except Exception:  # missing, unreadable, from an incompatible writer, no flatbuffers: trace it
-        exported = jax.export.export(jax.jit(flat))(jax.tree.leaves(state), *args)
+        exported = jax.export.export(jax.jit(flat))(leaves, *args)
     # A read-only cache or no flatbuffers only means tracing again next time.
     with contextlib.suppress(OSError, ImportError):
         path.parent.mkdir(parents=True, exist_ok=True)  # JAX makes it at its first write, later
@@ -297,9 +296,9 @@ def _export_dir() -> str | None:
     return jax.config.jax_compilation_cache_dir
 
 
-def _export_key(graphdef, state, args, statics) -> str:
-    shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves((state, args)))
-    return _key(graphdef, jax.tree.structure(state), shapes, tuple(sorted(statics.items())))
+def _export_key(graphdef, treedef, leaves, args, statics) -> str:
+    shapes = tuple((a.shape, a.dtype) for a in (*leaves, *jax.tree.leaves(args)))
+    return _key(graphdef, treedef, shapes, tuple(sorted(statics.items())))
 
 
 @functools.lru_cache(maxsize=256)

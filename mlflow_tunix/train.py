@@ -319,8 +319,13 @@ def completion_loss(graphdef, params, tokens, loss_mask, positions=None, segment
     else:
         logits = model(tokens[:, :-1], positions[:, :-1], segment_ids=segment_ids[:, :-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
-    mask = loss_mask[:, 1:]
+    mask = _targets(loss_mask)
     return (ce * mask).sum() / jnp.maximum(mask.sum() if count is None else count, 1.0)
+
+
+def _targets(loss_mask):
+    """Which next-token targets carry loss: position t predicts token t + 1."""
+    return loss_mask[:, 1:]
 
 
 def train_step(graphdef, tx, state: TrainState, batch, base=None, lora_scale: float = 0.0) -> tuple[TrainState, dict]:
@@ -359,7 +364,7 @@ def data_parallel_step(graphdef, tx, dp: distributed.DataParallel, lora_scale: f
     axis, replicated, rows = distributed.AXIS, dp.replicated.spec, dp.sharded.spec
 
     def local(state, batch, base):
-        count = jax.lax.psum(batch["loss_mask"][:, 1:].sum().astype(jnp.float32), axis)
+        count = jax.lax.psum(_targets(batch["loss_mask"]).sum().astype(jnp.float32), axis)
         # Varying parameters: their gradients are this device's own, summed below in one piece
         # (with replicated ones, shard_map would sum every gradient array on its own).
         params = jax.lax.pcast(state.params, axis, to="varying")

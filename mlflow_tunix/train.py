@@ -20,6 +20,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
@@ -29,13 +30,15 @@ import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from mlflow_tunix import distributed, lora
+from mlflow_tunix import aot, distributed, lora
 from mlflow_tunix.checkpoint import Checkpoints, StopOnSignal, TrainingInterrupted, arrays_digest, state_signature
 from mlflow_tunix.errors import ConfigError, TrainingError, short
 from mlflow_tunix.lora import LoraConfig
 from mlflow_tunix.tracking import NullTracker, Tracker
 
 
+# The code the train step runs (part of its saved program's key, see _saved_step).
+_STEP_SOURCES = tuple(Path(__file__).with_name(name) for name in ("train.py", "model.py", "lora.py"))
 # Ceilings (documented in docs/design.md): far beyond a CPU run, refused before a run starts.
 MAX_STEPS = 10_000_000
 MAX_BATCH_SIZE = 65_536
@@ -380,6 +383,45 @@ def data_parallel_step(graphdef, tx, dp: distributed.DataParallel, lora_scale: f
     return step
 
 
+def _saved_programs(graphdef, tx, state: TrainState, base, config: TrainConfig) -> tuple[Callable, Callable]:
+    """``train_step`` and the held-out loss, jitted with their compiled programs saved beside JAX's
+    persistent cache (``aot``): a later run with the same model, config and batch shapes loads them
+    without tracing or lowering. The saved programs take and return plain lists of the state's arrays
+    (their trees are this run's). Returns ``step(state, batch)`` and ``eval(params, tokens, mask)``."""
+    state_tree, params_tree = jax.tree.structure(state), jax.tree.structure(state.params)
+    base_tree = None if base is None else jax.tree.structure(base)
+    scale = config.lora.scale if config.lora is not None else 0.0
+    unflatten = lambda tree, leaves: None if leaves is None else jax.tree.unflatten(tree, leaves)
+
+    def flat_step(state_leaves, batch, base_leaves):
+        new, metrics = train_step(graphdef, tx, unflatten(state_tree, state_leaves), batch,
+                                  unflatten(base_tree, base_leaves), lora_scale=scale)
+        return jax.tree.leaves(new), metrics
+
+    def flat_eval(params_leaves, tokens, mask, base_leaves):
+        params = unflatten(params_tree, params_leaves)
+        if base_leaves is not None:
+            params = lora.merged(unflatten(base_tree, base_leaves), params, scale)
+        return completion_loss(graphdef, params, tokens, mask)
+
+    # Everything the programs are built from besides their arguments: the model's graph (with its config),
+    # the optimizer's and LoRA's settings (the fields that change the weights), and the code they run.
+    key = repr((graphdef, sorted(weight_fields(config).items()), state_tree, base_tree))
+    saved_step = aot.saved_jit(flat_step, name="train-step", key=key, sources=_STEP_SOURCES, donate_argnums=0)
+    saved_eval = aot.saved_jit(flat_eval, name="eval-loss", key=key, sources=_STEP_SOURCES)
+    base_leaves = None if base is None else jax.tree.leaves(base)
+
+    def step(state, batch):
+        leaves, metrics = saved_step(jax.tree.leaves(state), batch, base_leaves)
+        return jax.tree.unflatten(state_tree, leaves), metrics
+
+    def eval_loss(params, tokens, mask):
+        return saved_eval(jax.tree.leaves(params), tokens, mask, base_leaves)
+
+    step.saved, eval_loss.saved = saved_step, saved_eval
+    return step, eval_loss
+
+
 def init_state(model, tx) -> tuple[Any, TrainState]:
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
@@ -393,11 +435,16 @@ NOT_IN_WEIGHTS = ("log_every", "eval_every", "eval_batches", "checkpoint_every",
                   "processes")
 
 
+def weight_fields(config: TrainConfig) -> dict:
+    """The TrainConfig fields the weights depend on, by name."""
+    return {name: value for name, value in dataclasses.asdict(config).items() if name not in NOT_IN_WEIGHTS}
+
+
 def resume_key(config: TrainConfig, model_config, state, data: TokenizedData) -> dict:
     """Everything a checkpoint must agree on to be resumed into this run (JSON-ready): the
     TrainConfig fields the weights depend on (the seed fixes the batch order), the whole model
     config, the state's shapes and the training tokens."""
-    key = {name: value for name, value in dataclasses.asdict(config).items() if name not in NOT_IN_WEIGHTS}
+    key = weight_fields(config)
     key["model"] = dataclasses.asdict(model_config)
     key = json.loads(json.dumps(key))  # as the checkpoint's JSON info holds it (tuples as lists)
     key["state"] = state_signature(state)
@@ -451,23 +498,21 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
     dp = distributed.DataParallel()
     dp = dp if dp.active else None
     shard = dp.shard_rows if dp else (lambda batch: batch)
-    jit_opts = {"out_shardings": dp.replicated} if dp else {}
     if dp:
         dp.check_batch(config.batch_size)
         state, base = dp.replicate(state), (dp.replicate(base) if base is not None else None)
-    elif base is None:  # the step donates its state: a copy, or the caller's model would lose its arrays
-        state = state._replace(params=jax.tree.map(jnp.copy, state.params))
-    if dp:
-        jitted_step = jax.jit(data_parallel_step(graphdef, tx, dp, scale), donate_argnums=0)
+        step_fn = functools.partial(jax.jit(data_parallel_step(graphdef, tx, dp, scale), donate_argnums=0), base=base)
+        eval_fn = functools.partial(jax.jit(lambda params, tokens, mask, base: completion_loss(
+            graphdef, params if base is None else lora.merged(base, params, scale), tokens, mask),
+            out_shardings=dp.replicated), base=base)
     else:
-        jitted_step = jax.jit(functools.partial(train_step, graphdef, tx, lora_scale=scale), donate_argnums=0)
-    step_fn = functools.partial(jitted_step, base=base)
-    jitted_eval = jax.jit(lambda params, tokens, mask, base: completion_loss(
-        graphdef, params if base is None else lora.merged(base, params, scale), tokens, mask), **jit_opts)
+        if base is None:  # the step donates its state: a copy, or the caller's model would lose its arrays
+            state = state._replace(params=jax.tree.map(jnp.copy, state.params))
+        step_fn, eval_fn = _saved_programs(graphdef, tx, state, base, config)
     lengths = _lengths(data)
     sampler = BatchSampler(len(data.tokens), config.batch_size, config.seed, lengths if config.group_by_length else None)
     pack = choose_packing(config, sampler, data, lengths)
-    loop = _Loop(config, tracker or NullTracker(), schedule, functools.partial(jitted_eval, base=base), eval_data, state,
+    loop = _Loop(config, tracker or NullTracker(), schedule, eval_fn, eval_data, state,
                  dp)
     if checkpoint_dir is not None and config.checkpoint_every:
         loop.open_checkpoints(checkpoint_dir, resume_key(config, model.config, state, data), resume)

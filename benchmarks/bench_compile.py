@@ -41,6 +41,7 @@ def child(mode: str, cache: str) -> dict:
 
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # as pipeline.setup_jax
+    from mlflow_tunix import aot
     from mlflow_tunix.model import ModelConfig, build_model
     from mlflow_tunix.train import TrainConfig, _saved_programs, init_state, make_optimizer, train_step
 
@@ -59,7 +60,7 @@ def child(mode: str, cache: str) -> dict:
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         t4 = time.perf_counter()
-        assert step.saved.loaded == 1, "the saved executable was not loaded"
+        assert aot.LOADED["train-step"] == 1, "the saved executable was not loaded"
         out.update(trace=float("nan"), lower=float("nan"), compile=float("nan"), run=float("nan"))
     else:
         step = jax.jit(functools.partial(train_step, graphdef, tx), donate_argnums=0)

@@ -25,6 +25,7 @@ What is read back, and the trust it needs:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -42,12 +43,15 @@ from jax.experimental import serialize_executable
 from jax.tree_util import PyTreeDef, default_registry
 
 _MAGIC = b"mlflow-tunix saved executable 1\n"
+# Programs this process loaded from saved executables (not traced), by name: "train-step", "decode", ...
+LOADED: collections.Counter = collections.Counter()
 _PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 
 class SavedJit:
     """``jax.jit(fn, **jit_kwargs)`` whose compiled programs are saved to, and loaded from, JAX's
-    persistent cache directory (when one is set; without one it is plain ``jax.jit``).
+    persistent cache directory (when one is set; without one they are only compiled). Each argument
+    shape is compiled or loaded once, whichever thread asks first.
 
     ``fn``'s arguments and results must be builtin containers of arrays. ``key`` must name everything
     ``fn`` closes over that changes its program (e.g. the model's graph and the optimizer's config);
@@ -58,25 +62,28 @@ class SavedJit:
         self._jit = jax.jit(fn, **jit_kwargs)
         self._name, self._key, self._sources = name, key, tuple(sources)
         self._compiled: dict = {}  # (tree, avals) -> jax.stages.Compiled
-        self.loaded = 0  # programs loaded from the cache directory (not traced) by this object
+        self._compiling = threading.Lock()  # calls from several threads compile (or load) a program once
 
     def __call__(self, *args):
-        cache_dir = jax.config.jax_compilation_cache_dir
-        if not cache_dir:
-            return self._jit(*args)
         leaves, tree = jax.tree.flatten(args)
         signature = (tree, tuple((leaf.shape, leaf.dtype, getattr(leaf, "weak_type", False)) for leaf in leaves))
         compiled = self._compiled.get(signature)
         if compiled is None:
-            compiled = self._compiled[signature] = self._load_or_compile(Path(cache_dir), args, signature)
+            with self._compiling:
+                compiled = self._compiled.get(signature)
+                if compiled is None:
+                    compiled = self._compiled[signature] = self._load_or_compile(args, signature)
         return compiled(*args)
 
-    def _load_or_compile(self, cache_dir: Path, args, signature):
+    def _load_or_compile(self, args, signature):
+        cache_dir = jax.config.jax_compilation_cache_dir
+        if not cache_dir:
+            return self._jit.lower(*args).compile()
         digest = hashlib.sha256(_static_digest(self._key, self._sources) + repr(signature).encode()).hexdigest()
-        path = cache_dir / f"mlflow-tunix-{self._name}-{digest[:32]}.xla"
+        path = Path(cache_dir) / f"mlflow-tunix-{self._name}-{digest[:32]}.xla"
         try:
             compiled = _load(path.read_bytes(), signature[0])
-            self.loaded += 1
+            LOADED[self._name] += 1
             return compiled
         except FileNotFoundError:
             pass

@@ -11,8 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import hashlib
-import importlib.metadata
 import math
 import os
 import threading
@@ -26,6 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from mlflow_tunix import aot
 from mlflow_tunix.data import check_template
 from mlflow_tunix.errors import ConfigError, InputError
 
@@ -238,86 +237,31 @@ def _check_request(prompts, config, max_new_tokens, pad_id, stop_ids, temperatur
             raise InputError(f"prompt {i} has token id {bad} outside the vocabulary (size {vocab})")
 
 
-# key -> the compiled decode (see _decode), made once under _COMPILING: batches decoded at once in
-# several threads would otherwise each trace and compile the same program
-_DECODES: dict[str, object] = {}
-_COMPILING = threading.Lock()
 # What the decode's code depends on besides its arguments: a change to any of these is a new key.
 _SOURCES = (Path(__file__), Path(__file__).with_name("model.py"))
 
 
 def _decode(graphdef, state, *args, max_new_tokens, greedy, top_k):
-    """_generate_batch, through a traced program saved next to JAX's persistent compilation cache.
-
-    The persistent cache keeps XLA's compiled code, but a new process still traces and lowers the
-    whole decode (prefill and loop step: the model twice) before it can look the code up: most of a
-    warm first call. So the traced program is saved with jax.export, keyed on everything it is
-    built from (the model's graph with its config, argument shapes, the static options, the source of
-    this module and model.py, the JAX/Flax versions and backend); a later process deserializes it,
-    and compiling the call finds XLA's code in the persistent cache. Not saved when that cache is off.
-    Compiled once per process and key, whichever thread asks first.
-    """
-    statics = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
-    leaves, treedef = jax.tree.flatten(state)  # the export format cannot name NNX's pytree types: the leaves
-    key = _export_key(graphdef, treedef, leaves, args, statics)
-    compiled = _DECODES.get(key)
-    if compiled is None:
-        with _COMPILING:
-            compiled = _DECODES.get(key)
-            if compiled is None:
-                call = _traced(graphdef, treedef, leaves, args, statics, key)
-                compiled = _DECODES[key] = jax.jit(call).lower(leaves, *args).compile()
-    return compiled(leaves, *args)
+    """_generate_batch jitted, with its compiled executable saved beside JAX's persistent cache
+    (``aot``): a new process loads it instead of tracing and lowering the whole decode (prefill and
+    loop step: the model twice), most of a warm first call. Keyed on the model's graph with its config,
+    the static options, the argument shapes and the source of this module and model.py (and aot's
+    environment: versions, devices). Compiled once per process and shape, whichever thread asks first."""
+    leaves, treedef = jax.tree.flatten(state)  # saved programs take builtin containers: the state's leaves
+    statics = (("greedy", greedy), ("max_new_tokens", max_new_tokens), ("top_k", top_k))
+    with _MAKING:  # batches decoded at once in several threads share one program
+        saved = _saved_decode(graphdef, treedef, statics)
+    return saved(leaves, *args)
 
 
-def _traced(graphdef, treedef, leaves, args, statics, key):
-    """The decode as a function of (state leaves, *args): deserialized from the cache directory, or
-    traced (and saved there for the next process)."""
-    flat = lambda leaves, *a: _generate_batch(graphdef, jax.tree.unflatten(treedef, leaves), *a, **statics)
-    cache_dir = _export_dir()
-    if not cache_dir:
-        return flat
-    path = Path(cache_dir) / f"mlflow-tunix-decode-{key}.jaxexport"
-    try:
-        return jax.export.deserialize(bytearray(path.read_bytes())).call
-    except Exception:  # missing, unreadable, from an incompatible writer, no flatbuffers: trace it
-        exported = jax.export.export(jax.jit(flat))(leaves, *args)
-    # A read-only cache or no flatbuffers only means tracing again next time.
-    with contextlib.suppress(OSError, ImportError):
-        path.parent.mkdir(parents=True, exist_ok=True)  # JAX makes it at its first write, later
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(exported.serialize())
-        os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
-    return exported.call
+_MAKING = threading.Lock()
 
 
-def _export_dir() -> str | None:
-    """Where saved decodes go: JAX's persistent compilation cache (pipeline.setup_jax), or None."""
-    return jax.config.jax_compilation_cache_dir
-
-
-def _export_key(graphdef, treedef, leaves, args, statics) -> str:
-    shapes = tuple((a.shape, a.dtype) for a in (*leaves, *jax.tree.leaves(args)))
-    return _key(graphdef, treedef, shapes, tuple(sorted(statics.items())))
-
-
-@functools.lru_cache(maxsize=256)
-def _key(graphdef, treedef, shapes, statics) -> str:
-    """Hashed once per process and shape (repr of a model's graph alone took ~0.5 ms, a batch-1 call ~6 ms)."""
-    h = hashlib.sha256()
-    for part in (
-        repr(graphdef), list(statics), list(shapes), treedef,
-        jax.__version__, importlib.metadata.version("flax"), jax.default_backend(),
-    ):
-        h.update(repr(part).encode())
-    h.update(_sources_digest())
-    return h.hexdigest()[:32]
-
-
-@functools.cache
-def _sources_digest() -> bytes:
-    """The decode's source files, read and hashed once per process (not on every batch)."""
-    return hashlib.sha256(b"".join(source.read_bytes() for source in _SOURCES)).digest()
+@functools.lru_cache(maxsize=64)
+def _saved_decode(graphdef, treedef, statics) -> aot.SavedJit:
+    """One saved program per model graph and options (made once: the graph's repr alone took ~0.5 ms)."""
+    flat = lambda leaves, *args: _generate_batch(graphdef, jax.tree.unflatten(treedef, leaves), *args, **dict(statics))
+    return aot.saved_jit(flat, name="decode", key=repr((graphdef, treedef, statics)), sources=_SOURCES)
 
 
 @functools.partial(

@@ -418,7 +418,6 @@ def _saved_programs(graphdef, tx, state: TrainState, base, config: TrainConfig) 
     def eval_loss(params, tokens, mask):
         return saved_eval(jax.tree.leaves(params), tokens, mask, base_leaves)
 
-    step.saved, eval_loss.saved = saved_step, saved_eval
     return step, eval_loss
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mlflow_tunix import generate
+from mlflow_tunix import aot, generate
 from mlflow_tunix.errors import InputError
 from mlflow_tunix.generate import GenerationConfig, generate_ids, generate_text
 from mlflow_tunix.model import ModelConfig, build_model, flat_params
@@ -285,20 +285,27 @@ def test_outputs_equal_the_saved_fixture():
 
 
 def test_a_decode_saved_for_the_next_process_gives_the_same_tokens(tmp_path, monkeypatch):
-    # With the persistent cache on, the first call exports the traced decode to a file; a new process
-    # (here: the in-memory table cleared) deserializes it instead of tracing. Both must decode the
+    # With the persistent cache on, the first call saves the compiled decode to a file; a new process
+    # (here: the in-memory programs forgotten) loads it instead of tracing. Both must decode the
     # fixture's tokens.
     fixture = make_fixture()
     config = fixture.CONFIGS["qwen3-gqa"]
     model, prompts = fixture.unit_model(config, seed=0), fixture.prompts(1, config.vocab_size)
     kwargs = dict(fixture.REQUESTS)["greedy-stops"]
-    monkeypatch.setattr(generate, "_export_dir", lambda: str(tmp_path / "jax"))  # made at the first save
-    monkeypatch.setattr(generate, "_DECODES", {})
     monkeypatch.setattr(generate, "DECODE_STREAMS", 1)  # one batch: one program
-    first = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
-    saved = list((tmp_path / "jax").glob("mlflow-tunix-decode-*.jaxexport"))
-    generate._DECODES.clear()
-    second = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))  # made at the first save
+    try:
+        generate._saved_decode.cache_clear()
+        first = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
+        saved = list((tmp_path / "jax").glob("mlflow-tunix-decode-*.xla"))
+        generate._saved_decode.cache_clear()
+        loaded = aot.LOADED["decode"]
+        second = generate_ids(model, prompts, pad_id=fixture.PAD, **kwargs)
+        loaded = aot.LOADED["decode"] - loaded
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        generate._saved_decode.cache_clear()
     expected = json.loads((DECODE_FIXTURE / "decode.json").read_text())["qwen3-gqa/greedy-stops"]
-    assert len(saved) == 1 and len(generate._DECODES) == 1
+    assert len(saved) == 1 and loaded == 1
     assert first == second == expected

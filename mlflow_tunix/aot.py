@@ -43,6 +43,8 @@ from jax.experimental import serialize_executable
 from jax.tree_util import PyTreeDef, default_registry
 
 _MAGIC = b"mlflow-tunix saved executable 1\n"
+# Saved executables kept per name (train-step, eval-loss, decode): the most recently used (see _prune).
+KEEP = 32
 # Programs this process loaded from saved executables (not traced), by name: "train-step", "decode", ...
 LOADED: collections.Counter = collections.Counter()
 _PACKAGES = ("jax", "jaxlib", "flax", "optax")
@@ -84,6 +86,8 @@ class SavedJit:
         try:
             compiled = _load(path.read_bytes(), signature[0])
             LOADED[self._name] += 1
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: the last to be pruned
             return compiled
         except FileNotFoundError:
             pass
@@ -98,6 +102,7 @@ class SavedJit:
         if _cache_hits() == hits:
             with contextlib.suppress(Exception):  # a read-only directory or an executable JAX cannot serialize
                 _save(path, compiled)
+                _prune(Path(cache_dir), self._name)
         return compiled
 
 
@@ -111,6 +116,15 @@ def _save(path: Path, compiled) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(_pack([in_tree.serialize_using_proto(), out_tree.serialize_using_proto(), blob]))
     os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
+
+
+def _prune(cache_dir: Path, name: str, keep: int = KEEP) -> None:
+    """Only the ``keep`` most recently used executables of ``name`` stay (each change of the sources, the
+    config or a shape makes another: the folder would grow without end)."""
+    saved = sorted(cache_dir.glob(f"mlflow-tunix-{name}-*.xla"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in saved[keep:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def _pack(parts: list[bytes]) -> bytes:

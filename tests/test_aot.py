@@ -78,6 +78,19 @@ def test_the_step_is_loaded_not_traced_and_runs_like_the_traced_one(cache_dir):
     assert aot.LOADED["train-step"] == loaded and len(list(cache_dir.glob("mlflow-tunix-train-step-*.xla"))) == 2
 
 
+def test_only_the_most_recently_used_saved_executables_are_kept(tmp_path):
+    for i in range(5):
+        path = tmp_path / f"mlflow-tunix-decode-{i}.xla"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    (tmp_path / "mlflow-tunix-train-step-0.xla").write_bytes(b"x")  # another name: not counted
+    os.utime(tmp_path / "mlflow-tunix-decode-1.xla")  # used just now
+    aot._prune(tmp_path, "decode", keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mlflow-tunix-decode-1.xla", "mlflow-tunix-decode-3.xla", "mlflow-tunix-decode-4.xla",
+        "mlflow-tunix-train-step-0.xla"]
+
+
 class _RunsAShellCommand:
     def __init__(self, marker):
         self.marker = marker

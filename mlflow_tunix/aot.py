@@ -20,7 +20,8 @@ What is read back, and the trust it needs:
   dtype; any other name is refused, and the program is traced and compiled again.
 - The executable is machine code, as every entry of JAX's persistent cache is: the cache directory
   must be as trusted as JAX's (it is the user's own, ``~/.cache/mlflow-tunix/jax``; never a model's
-  directory). Anything unreadable, truncated or from another writer is ignored and overwritten.
+  directory). A file that is truncated, from another writer or refused is deleted, and the program
+  compiled (and saved) again.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class SavedJit:
 
     def _load_or_compile(self, args, signature):
         cache_dir = jax.config.jax_compilation_cache_dir
-        if not cache_dir:
+        # Not in a group of processes (jax.distributed): their programs are bound to each process's devices,
+        # and one process loading another's would wait for devices it does not have (the group hangs).
+        if not cache_dir or jax.process_count() > 1:
             return self._jit.lower(*args).compile()
         digest = hashlib.sha256(_static_digest(self._key, self._sources) + repr(signature).encode()).hexdigest()
         path = Path(cache_dir) / f"mlflow-tunix-{self._name}-{digest[:32]}.xla"

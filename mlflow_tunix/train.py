@@ -37,7 +37,7 @@ from mlflow_tunix.lora import LoraConfig
 from mlflow_tunix.tracking import NullTracker, Tracker
 
 
-# The code the train step runs (part of its saved program's key, see _saved_step).
+# The code the train step and held-out loss run (part of their saved programs' key, see _saved_programs).
 _STEP_SOURCES = tuple(Path(__file__).with_name(name) for name in ("train.py", "model.py", "lora.py"))
 # Ceilings (documented in docs/design.md): far beyond a CPU run, refused before a run starts.
 MAX_STEPS = 10_000_000

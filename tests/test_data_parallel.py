@@ -123,8 +123,11 @@ def test_cli_two_processes_run_the_job_and_a_dead_worker_fails_the_run(tracking_
 
     common = ["--config", TINY, "--no-progress", "--set", "train.processes=2",
               "--set", f"train.checkpoint_dir={tmp_path / 'ckpt'}", "--set", "train.checkpoint_every=10"]
-    proc = run_cli(["run", *common, "--steps", "20", "--registered-model-name", "dp"], tracking_uri, cwd=tmp_path)
+    proc = run_cli(["run", *common, "--steps", "20", "--registered-model-name", "dp"], tracking_uri, cwd=tmp_path,
+                   MLFLOW_TUNIX_JAX_CACHE=str(tmp_path / "jax"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # A group saves no executables: one bound to process 0's device, loaded by process 1, hung the group
+    assert list((tmp_path / "jax").glob("mlflow-tunix-*.xla")) == []
     assert "data parallel: 2 processes" in proc.stderr
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])

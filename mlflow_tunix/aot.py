@@ -36,6 +36,7 @@ import os
 import pickle
 import struct
 import threading
+import types
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -58,12 +59,13 @@ class SavedJit:
 
     ``fn``'s arguments and results must be builtin containers of arrays. ``key`` must name everything
     ``fn`` closes over that changes its program (e.g. the model's graph and the optimizer's config);
-    ``sources`` are the files whose code it runs (their bytes are part of the key).
+    ``modules`` are the modules whose code it runs: their files' bytes and their constants (upper-case
+    names bound to numbers, strings or tuples, read when a program is compiled or loaded) are part of the key.
     """
 
-    def __init__(self, fn: Callable, *, name: str, key: str, sources: Sequence[Path], **jit_kwargs):
+    def __init__(self, fn: Callable, *, name: str, key: str, modules: Sequence[types.ModuleType], **jit_kwargs):
         self._jit = jax.jit(fn, **jit_kwargs)
-        self._name, self._key, self._sources = name, key, tuple(sources)
+        self._name, self._key, self._modules = name, key, tuple(modules)
         self._compiled: dict = {}  # (tree, avals) -> jax.stages.Compiled
         self._compiling = threading.Lock()  # calls from several threads compile (or load) a program once
 
@@ -84,7 +86,9 @@ class SavedJit:
         # and one process loading another's would wait for devices it does not have (the group hangs).
         if not cache_dir or jax.process_count() > 1:
             return self._jit.lower(*args).compile()
-        digest = hashlib.sha256(_static_digest(self._key, self._sources) + repr(signature).encode()).hexdigest()
+        files = tuple(module.__file__ for module in self._modules)
+        parts = (_static_digest(self._key, files), repr(_constants(self._modules)).encode(), repr(signature).encode())
+        digest = hashlib.sha256(b"\0".join(parts)).hexdigest()
         path = Path(cache_dir) / f"mlflow-tunix-{self._name}-{digest[:32]}.xla"
         try:
             compiled = _load(path.read_bytes(), signature[0])
@@ -109,8 +113,8 @@ class SavedJit:
         return compiled
 
 
-def saved_jit(fn: Callable, *, name: str, key: str, sources: Sequence[Path], **jit_kwargs) -> SavedJit:
-    return SavedJit(fn, name=name, key=key, sources=sources, **jit_kwargs)
+def saved_jit(fn: Callable, *, name: str, key: str, modules: Sequence[types.ModuleType], **jit_kwargs) -> SavedJit:
+    return SavedJit(fn, name=name, key=key, modules=modules, **jit_kwargs)
 
 
 def _save(path: Path, compiled) -> None:
@@ -192,7 +196,7 @@ jax.monitoring.register_event_listener(_count_hit)
 
 
 @functools.lru_cache(maxsize=64)
-def _static_digest(key: str, sources: tuple[Path, ...]) -> bytes:
+def _static_digest(key: str, files: tuple[str, ...]) -> bytes:
     """The key's parts that do not depend on the call's arguments, hashed once per process."""
     h = hashlib.sha256()
     devices = jax.devices()
@@ -202,9 +206,15 @@ def _static_digest(key: str, sources: tuple[Path, ...]) -> bytes:
         _cpu_flags(), os.environ.get("XLA_FLAGS", ""), sorted((k, repr(v)) for k, v in jax.config.values.items()),
     ):
         h.update(repr(part).encode() + b"\0")
-    for source in sources:
-        h.update(source.read_bytes())
+    for file in files:
+        h.update(Path(file).read_bytes())
     return h.digest()
+
+
+def _constants(modules) -> list:
+    """The modules' constants as they are now (a constant such as a block size is read when tracing)."""
+    return [sorted((name, repr(value)) for name, value in vars(module).items()
+                   if name.isupper() and isinstance(value, (int, float, str, tuple))) for module in modules]
 
 
 @functools.cache

@@ -13,9 +13,9 @@ import contextlib
 import functools
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -25,6 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mlflow_tunix import aot
+from mlflow_tunix import model as model_module
 from mlflow_tunix.data import check_template
 from mlflow_tunix.errors import ConfigError, InputError
 
@@ -237,10 +238,6 @@ def _check_request(prompts, config, max_new_tokens, pad_id, stop_ids, temperatur
             raise InputError(f"prompt {i} has token id {bad} outside the vocabulary (size {vocab})")
 
 
-# What the decode's code depends on besides its arguments: a change to any of these is a new key.
-_SOURCES = (Path(__file__), Path(__file__).with_name("model.py"))
-
-
 def _decode(graphdef, state, *args, max_new_tokens, greedy, top_k):
     """_generate_batch jitted, with its compiled executable saved beside JAX's persistent cache
     (``aot``): a new process loads it instead of tracing and lowering the whole decode (prefill and
@@ -261,7 +258,8 @@ _MAKING = threading.Lock()
 def _saved_decode(graphdef, treedef, statics) -> aot.SavedJit:
     """One saved program per model graph and options (made once: the graph's repr alone took ~0.5 ms)."""
     flat = lambda leaves, *args: _generate_batch(graphdef, jax.tree.unflatten(treedef, leaves), *args, **dict(statics))
-    return aot.saved_jit(flat, name="decode", key=repr((graphdef, treedef, statics)), sources=_SOURCES)
+    return aot.saved_jit(flat, name="decode", key=repr((graphdef, treedef, statics)),
+                         modules=(sys.modules[__name__], model_module))  # the code it runs
 
 
 @functools.partial(

@@ -18,9 +18,9 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
@@ -31,14 +31,13 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from mlflow_tunix import aot, distributed, lora
+from mlflow_tunix import model as model_module
 from mlflow_tunix.checkpoint import Checkpoints, StopOnSignal, TrainingInterrupted, arrays_digest, state_signature
 from mlflow_tunix.errors import ConfigError, TrainingError, short
 from mlflow_tunix.lora import LoraConfig
 from mlflow_tunix.tracking import NullTracker, Tracker
 
 
-# The code the train step and held-out loss run (part of their saved programs' key, see _saved_programs).
-_STEP_SOURCES = tuple(Path(__file__).with_name(name) for name in ("train.py", "model.py", "lora.py"))
 # Ceilings (documented in docs/design.md): far beyond a CPU run, refused before a run starts.
 MAX_STEPS = 10_000_000
 MAX_BATCH_SIZE = 65_536
@@ -407,8 +406,9 @@ def _saved_programs(graphdef, tx, state: TrainState, base, config: TrainConfig) 
     # Everything the programs are built from besides their arguments: the model's graph (with its config),
     # the optimizer's and LoRA's settings (the fields that change the weights), and the code they run.
     key = repr((graphdef, sorted(weight_fields(config).items()), state_tree, base_tree))
-    saved_step = aot.saved_jit(flat_step, name="train-step", key=key, sources=_STEP_SOURCES, donate_argnums=0)
-    saved_eval = aot.saved_jit(flat_eval, name="eval-loss", key=key, sources=_STEP_SOURCES)
+    modules = (sys.modules[__name__], model_module, lora)  # the code they run
+    saved_step = aot.saved_jit(flat_step, name="train-step", key=key, modules=modules, donate_argnums=0)
+    saved_eval = aot.saved_jit(flat_eval, name="eval-loss", key=key, modules=modules)
     base_leaves = None if base is None else jax.tree.leaves(base)
 
     def step(state, batch):

@@ -78,6 +78,29 @@ def test_the_step_is_loaded_not_traced_and_runs_like_the_traced_one(cache_dir):
     assert aot.LOADED["train-step"] == loaded and len(list(cache_dir.glob("mlflow-tunix-train-step-*.xla"))) == 2
 
 
+def test_a_changed_module_constant_or_source_is_another_program(cache_dir, tmp_path, monkeypatch):
+    # A constant read while tracing (a block size, a segment count) changes the program: part of the key,
+    # as its value is when the program is compiled or loaded (a test may monkeypatch it)
+    source = tmp_path / "scaled.py"
+    source.write_text("SCALE = 2.0\n\ndef f(x):\n    return [x[0] * SCALE]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import scaled
+
+    def call():
+        loaded = aot.LOADED["scaled"]
+        fresh = lambda x: scaled.f(x)  # a new function, as train makes for each run (jax.jit reuses a traced one)
+        out = aot.saved_jit(fresh, name="scaled", key="f", modules=[scaled])([np.ones(3, np.float32)])
+        return float(out[0][0]), aot.LOADED["scaled"] - loaded
+
+    assert [call(), call()] == [(2.0, 0), (2.0, 1)]  # compiled and saved, then loaded
+    monkeypatch.setattr(scaled, "SCALE", 3.0)
+    assert [call(), call()] == [(3.0, 0), (3.0, 1)]  # not the program saved for 2.0
+    source.write_text(source.read_text() + "# an edit\n")
+    aot._static_digest.cache_clear()  # (a new process reads the file again)
+    assert call() == (3.0, 0)
+    assert len(list(cache_dir.glob("mlflow-tunix-scaled-*.xla"))) == 3
+
+
 def test_only_the_most_recently_used_saved_executables_are_kept(tmp_path):
     for i in range(5):
         path = tmp_path / f"mlflow-tunix-decode-{i}.xla"

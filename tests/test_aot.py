@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import TINY, run_cli
 from mlflow_tunix import aot
 from mlflow_tunix.lora import LoraConfig
 from mlflow_tunix.model import ModelConfig, build_model, params_sha256
@@ -51,6 +52,25 @@ def test_a_later_run_loads_the_saved_step_and_trains_to_the_same_weights(cache_d
     saved = sorted(p.name.rsplit("-", 1)[0] for p in cache_dir.glob("mlflow-tunix-*.xla"))
     assert saved == ["mlflow-tunix-eval-loss", "mlflow-tunix-train-step"]
     assert _train(config) == first == traced  # loaded: the same weights, loss and held-out loss, bit for bit
+
+
+def test_a_second_mlflow_tunix_train_loads_the_step_the_first_saved(tracking_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cache = tmp_path / "jax"
+    args = ["train", "--config", TINY, "--steps", "6", "--no-progress"]
+    first = run_cli(args, tracking_uri, cwd=tmp_path, MLFLOW_TUNIX_JAX_CACHE=str(cache))
+    assert first.returncode == 0, first.stderr[-3000:]
+    (step,) = cache.glob("mlflow-tunix-train-step-*.xla")
+    os.utime(step, (1000, 1000))
+    second = run_cli(args, tracking_uri, cwd=tmp_path, MLFLOW_TUNIX_JAX_CACHE=str(cache))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert step.stat().st_mtime > 1000  # loaded: a load marks the file used (a compile would have made no other)
+    assert list(cache.glob("mlflow-tunix-train-step-*.xla")) == [step]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    losses = [[m.value for m in client.get_metric_history(run.info.run_id, "loss")] for run in runs]
+    assert len(losses) == 2 and len(losses[0]) == 6 and losses[0] == losses[1]  # the same steps, bit for bit
 
 
 def test_the_step_is_loaded_not_traced_and_runs_like_the_traced_one(cache_dir):

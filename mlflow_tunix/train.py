@@ -348,6 +348,11 @@ def _batch_loss(graphdef, batch, base, lora_scale: float, count=None) -> Callabl
     return loss_fn
 
 
+def _eval_loss(graphdef, params, tokens, mask, base=None, lora_scale: float = 0.0):
+    """The held-out loss of a batch (LoRA adapters merged into ``base`` first, if given)."""
+    return completion_loss(graphdef, params if base is None else lora.merged(base, params, lora_scale), tokens, mask)
+
+
 def _apply(tx, state: TrainState, loss, grads) -> tuple[TrainState, dict]:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -398,10 +403,8 @@ def _saved_programs(graphdef, tx, state: TrainState, base, config: TrainConfig) 
         return jax.tree.leaves(new), metrics
 
     def flat_eval(params_leaves, tokens, mask, base_leaves):
-        params = unflatten(params_tree, params_leaves)
-        if base_leaves is not None:
-            params = lora.merged(unflatten(base_tree, base_leaves), params, scale)
-        return completion_loss(graphdef, params, tokens, mask)
+        return _eval_loss(graphdef, unflatten(params_tree, params_leaves), tokens, mask,
+                          unflatten(base_tree, base_leaves), scale)
 
     # Everything the programs are built from besides their arguments: the model's graph (with its config),
     # the optimizer's and LoRA's settings (the fields that change the weights), and the code they run.
@@ -501,9 +504,8 @@ def train(model, data: TokenizedData, config: TrainConfig, *, eval_data: Tokeniz
         dp.check_batch(config.batch_size)
         state, base = dp.replicate(state), (dp.replicate(base) if base is not None else None)
         step_fn = functools.partial(jax.jit(data_parallel_step(graphdef, tx, dp, scale), donate_argnums=0), base=base)
-        eval_fn = functools.partial(jax.jit(lambda params, tokens, mask, base: completion_loss(
-            graphdef, params if base is None else lora.merged(base, params, scale), tokens, mask),
-            out_shardings=dp.replicated), base=base)
+        eval_fn = functools.partial(jax.jit(functools.partial(_eval_loss, graphdef), out_shardings=dp.replicated),
+                                    base=base, lora_scale=scale)
     else:
         if base is None:  # the step donates its state: a copy, or the caller's model would lose its arrays
             state = state._replace(params=jax.tree.map(jnp.copy, state.params))
